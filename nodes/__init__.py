@@ -1,0 +1,1 @@
+"""Typed ComfyUI nodes over sd_core, the headless executor and the CLI."""
