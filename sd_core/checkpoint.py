@@ -1,0 +1,508 @@
+"""Checkpoint I/O for SD 1.x single-file checkpoints (`.safetensors`, `.ckpt`).
+
+Layout of a single-file SD 1.x checkpoint (the original LDM / CompVis names):
+    model.diffusion_model.*                   UNet
+    first_stage_model.*                       VAE (encoder, decoder, quant_conv, post_quant_conv)
+    cond_stage_model.transformer.text_model.* CLIP text encoder (Hugging Face names)
+    betas, alphas_cumprod, ... (12 names)     DDPM schedule buffers (float32, [1000])
+    model_ema.*                               EMA copies in full (non-pruned) files
+`StableDiffusion` uses exactly the model names, so loading is structural: the file's names go through
+the short list of declared transforms below, then into one `load_state_dict(strict=True, assign=True)`
+on a model built on the meta device. There is no per-key table.
+
+Declared transforms (the only differences between a file and the model's state_dict):
+  1. `{"state_dict": {...}, "global_step": ...}` pickles are unwrapped.
+  2. Ignored: `model_ema.*` (EMA copies, `model_ema.decay`, `model_ema.num_updates`), the 12 schedule
+     buffers, and in standalone VAE files the loss network's `loss.*`.
+  3. CLIP keys missing the `text_model.` level (`cond_stage_model.transformer.embeddings...`) gain it.
+  4. `position_ids` missing: recreated as arange; stored as float: rounded to int64.
+  5. VAE mid-block attention weights stored as linear `[C, C]` are viewed as 1x1 convs `[C, C, 1, 1]`.
+  6. Standalone VAE files: the `first_stage_model.` prefix is stripped when present.
+
+Pickles are read only with `torch.load(weights_only=True)`: a pickle that needs anything else is refused
+and nothing in it runs. The config comes from the safetensors metadata key `glass_diffusion.config`
+(written by `save_checkpoint`) or is inferred from tensor shapes with the SD 1.x head counts
+(UNet 8, CLIP width/64, VAE 1) and 32 GroupNorm groups.
+"""
+import contextlib
+import json
+import math
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .clip import CLIPTextConfig
+from .model import SDConfig, StableDiffusion
+from .unet import UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+CLIP_ROOT = "cond_stage_model.transformer."
+CLIP = CLIP_ROOT + "text_model."
+POSITION_IDS = CLIP + "embeddings.position_ids"
+CONFIG_METADATA_KEY = "glass_diffusion.config"
+SCHEDULE_KEYS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2",
+)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_VAE_ATTN_WEIGHT = re.compile(r"(^|\.)mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+_SHOW = 5  # keys listed in an error message
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; names the file and the offending keys (`.keys`)."""
+
+    def __init__(self, path, message: str, keys: Iterable[str] = ()):
+        self.path, self.keys = str(path), list(keys)
+        super().__init__(f"{path}: {message}")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a file, readable on demand (so a whole state dict is never materialised)."""
+    shape: tuple
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+@contextlib.contextmanager
+def _open_tensors(path: Path):
+    """Yield ({name: _Entry}, metadata) for a .safetensors file (memory-mapped) or a weights-only pickle."""
+    if not path.exists():
+        raise CheckpointError(path, "file not found")
+    if path.is_dir():
+        raise CheckpointError(path, "is a directory, not a checkpoint file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        with _open_safetensors(path) as opened:
+            yield opened
+    elif suffix in PICKLE_SUFFIXES:
+        yield _open_pickle(path), {}
+    else:
+        raise CheckpointError(path, f"unsupported file type {suffix!r}; expected .safetensors or one of "
+                                    f"{', '.join(PICKLE_SUFFIXES)}")
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path):
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            entries = {}
+            for name in f.keys():
+                view = f.get_slice(name)
+                dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(path, f"tensor {name} has unsupported dtype {view.get_dtype()}", [name])
+                entries[name] = _Entry(tuple(view.get_shape()), dtype, lambda name=name: f.get_tensor(name))
+            yield entries, f.metadata() or {}
+    except SafetensorError as e:
+        raise CheckpointError(path, f"not a valid safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _open_pickle(path: Path) -> dict:
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(path, f"holds a {type(obj).__name__}, not a state dict of tensors")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(path, f"{len(bad)} entries are not tensors: {_few(bad)}", bad)
+    return {k: _Entry(tuple(t.shape), t.dtype, lambda t=t: t) for k, t in obj.items()}
+
+
+def _torch_load(path: Path):
+    """torch.load restricted to tensors and plain containers; memory-mapped when the format allows."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # legacy (non-zip) format cannot be memory-mapped
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise CheckpointError(path, "refused: this pickle needs more than tensors and plain containers to "
+                                        "load (weights_only=True failed; nothing in it was run). Convert it to "
+                                        f".safetensors with a tool you trust. Detail: {_first_line(e)}") from None
+        raise CheckpointError(path, f"not a PyTorch checkpoint ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(path, f"truncated or corrupt checkpoint ({type(e).__name__}: "
+                                    f"{_first_line(e)})") from None
+
+
+# ---------------------------------------------------------------------------------------------- families
+
+def detect_family(keys) -> str:
+    """'sd1' | 'sd1-inpaint' | 'sd2' | 'sdxl' | 'unknown' from key names (a mapping name -> tensor or shape
+    also lets it see shapes: inpainting needs the UNet's input channels, SD 2.x may show a linear proj_in)."""
+    return _family(keys)[0]
+
+
+def _family(keys) -> tuple:
+    """(family, evidence) where evidence is the key pattern that decided it."""
+    shapes = {k: _shape(v) for k, v in keys.items()} if isinstance(keys, Mapping) else dict.fromkeys(keys)
+    names = list(shapes)
+    if any(k.startswith("conditioner.embedders.") for k in names):
+        return "sdxl", "conditioner.embedders.*"
+    if any(k.startswith("cond_stage_model.model.") for k in names):
+        return "sd2", "cond_stage_model.model.* (OpenCLIP text encoder)"
+    linear_proj = [k for k in names if k.startswith(UNET) and k.endswith("proj_in.weight")
+                   and shapes[k] is not None and len(shapes[k]) == 2]
+    if linear_proj:
+        return "sd2", f"linear {linear_proj[0]}"
+    has_unet = any(k.startswith(UNET) for k in names)
+    if has_unet and any(k.startswith(CLIP_ROOT) for k in names):
+        conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
+        if conv_in is not None and len(conv_in) == 4 and conv_in[1] == 9:
+            return "sd1-inpaint", "9 UNet input channels"
+        return "sd1", "model.diffusion_model.* with cond_stage_model.transformer.*"
+    return "unknown", _unknown_hint(names, has_unet)
+
+
+def _shape(v):
+    if v is None:
+        return None
+    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+
+def _unknown_hint(names: list, has_unet: bool) -> str:
+    if has_unet:
+        return "a UNet but no cond_stage_model.transformer.* text encoder"
+    if any(k.startswith(VAE) or k.startswith("encoder.conv_in") for k in names):
+        return "VAE keys only: a standalone VAE, load it with load_vae"
+    if any(".down_blocks." in k or k.startswith("down_blocks.") or k.startswith("text_model.") for k in names):
+        return "diffusers-style names (down_blocks / text_model.*), not the single-file layout"
+    return f"no model.diffusion_model.* keys; first keys: {_few(sorted(names))}"
+
+
+def _require_sd1(path, entries: dict) -> None:
+    family, evidence = _family(entries)
+    if family not in ("sd1", "sd1-inpaint"):
+        what = {"sd2": "an SD 2.x", "sdxl": "an SDXL", "unknown": "an unknown kind of"}[family]
+        raise CheckpointError(path, f"looks like {what} checkpoint (found {evidence}); "
+                                    "Glass Diffusion loads SD 1.x only")
+
+
+# ---------------------------------------------------------------------------------------------- key transforms
+
+def _sd_entries(path, raw: dict) -> dict:
+    """Declared transforms 2-4 for a full checkpoint: drop ignored keys, add text_model., fix position_ids."""
+    out = {}
+    for name, entry in raw.items():
+        if _ignored(name):
+            continue
+        if name.startswith(CLIP_ROOT) and not name.startswith(CLIP):
+            name = CLIP + name[len(CLIP_ROOT):]  # quirk: CLIP keys without the text_model. level
+        if name in out:
+            raise CheckpointError(path, f"key {name} appears twice (with and without text_model.)", [name])
+        out[name] = entry
+    return _with_position_ids(out)
+
+
+def _ignored(name: str) -> bool:
+    return name.startswith("model_ema.") or name in SCHEDULE_KEYS
+
+
+def _with_position_ids(entries: dict) -> dict:
+    pos = entries.get(CLIP + "embeddings.position_embedding.weight")
+    if POSITION_IDS not in entries and pos is not None:
+        n = pos.shape[0]
+        entries[POSITION_IDS] = _Entry((1, n), torch.int64, lambda: torch.arange(n).unsqueeze(0))
+    return entries
+
+
+def _vae_entries(path, raw: dict) -> dict:
+    """Transforms 2 and 6 for a standalone VAE (or the VAE part of a full checkpoint)."""
+    if any(k.startswith(VAE) for k in raw):
+        entries = {k[len(VAE):]: e for k, e in raw.items() if k.startswith(VAE)}
+    else:
+        entries = {k: e for k, e in raw.items() if not (_ignored(k) or k.startswith("loss."))}
+    if "encoder.conv_in.weight" not in entries:
+        raise CheckpointError(path, "not a VAE: no encoder.conv_in.weight (or first_stage_model.encoder."
+                                    f"conv_in.weight); first keys: {_few(sorted(raw))}")
+    return entries
+
+
+def _file_shape(name: str, shape: tuple) -> tuple:
+    """The shape a file tensor takes in the model (transform 5: linear VAE attention -> 1x1 conv)."""
+    if len(shape) == 2 and _VAE_ATTN_WEIGHT.search(name):
+        return shape + (1, 1)
+    return shape
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+def _metadata_config(path, metadata: Mapping):
+    text = metadata.get(CONFIG_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        return SDConfig.from_dict(json.loads(text))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(path, f"metadata {CONFIG_METADATA_KEY} is not a valid SDConfig: {e}") from None
+
+
+def infer_config(shapes: Mapping, path="<state dict>") -> SDConfig:
+    """SDConfig from a checkpoint's {name: shape} (model names, as after the declared transforms)."""
+    return SDConfig(unet=infer_unet_config(shapes, path=path), clip=infer_clip_config(shapes, path=path),
+                    vae=infer_vae_config(shapes, VAE, path=path))
+
+
+def infer_unet_config(shapes: Mapping, prefix: str = UNET, path="<state dict>") -> UNetConfig:
+    get = _getter(shapes, prefix, path, "UNet")
+    conv_in = get("input_blocks.0.0.weight")
+    base = conv_in[0]
+    levels = _unet_levels(shapes, prefix)
+    if not levels:
+        raise CheckpointError(path, f"cannot infer the UNet config: no {prefix}input_blocks.N.0.in_layers keys")
+    mult = tuple(get(f"input_blocks.{blocks[0]}.0.out_layers.3.weight")[0] // base for blocks in levels)
+    attention = tuple(i for i, blocks in enumerate(levels) if _has(shapes, prefix, f"input_blocks.{blocks[0]}.1.proj_in.weight"))
+    attn_prefix = f"{prefix}middle_block.1.transformer_blocks."
+    depth = len({k[len(attn_prefix):].split(".")[0] for k in shapes if k.startswith(attn_prefix)})
+    channels = [base * m for m in mult]
+    return UNetConfig(
+        in_channels=conv_in[1], out_channels=get("out.2.weight")[0], model_channels=base, channel_mult=mult,
+        num_res_blocks=len(levels[0]), attention_levels=attention, num_heads=_divisor(8, channels),
+        transformer_depth=depth, context_dim=get("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
+        norm_groups=_divisor(32, channels))
+
+
+def _unet_levels(shapes: Mapping, prefix: str) -> list:
+    """Input-block indices of the residual blocks, grouped by resolution level (a downsampler `op` ends one)."""
+    levels, current, i = [], [], 1
+    while True:
+        if _has(shapes, prefix, f"input_blocks.{i}.0.in_layers.0.weight"):
+            current.append(i)
+        elif _has(shapes, prefix, f"input_blocks.{i}.0.op.weight"):
+            levels.append(current)
+            current = []
+        else:
+            break
+        i += 1
+    return levels + [current] if current else levels
+
+
+def infer_clip_config(shapes: Mapping, prefix: str = CLIP, path="<state dict>") -> CLIPTextConfig:
+    get = _getter(shapes, prefix, path, "CLIP")
+    vocab, width = get("embeddings.token_embedding.weight")
+    layers = _count(shapes, prefix + "encoder.layers.")
+    return CLIPTextConfig(
+        vocab_size=vocab, max_positions=get("embeddings.position_embedding.weight")[0], width=width,
+        layers=layers, heads=max(1, width // 64) if width % 64 == 0 else 1,
+        mlp_width=get("encoder.layers.0.mlp.fc1.weight")[0],
+        bos_token_id=vocab - 2, eos_token_id=vocab - 1)  # 49406 / 49407 for the real vocab
+
+
+def infer_vae_config(shapes: Mapping, prefix: str = "", path="<state dict>") -> VAEConfig:
+    get = _getter(shapes, prefix, path, "VAE")
+    conv_in = get("encoder.conv_in.weight")
+    base = conv_in[0]
+    n_levels = _count(shapes, prefix + "encoder.down.")
+    mult = tuple(get(f"encoder.down.{i}.block.0.conv1.weight")[0] // base for i in range(n_levels))
+    return VAEConfig(
+        image_channels=conv_in[1], latent_channels=get("post_quant_conv.weight")[0], base_channels=base,
+        channel_mult=mult, num_res_blocks=_count(shapes, prefix + "encoder.down.0.block."),
+        norm_groups=_divisor(32, [base * m for m in mult]))
+
+
+def _getter(shapes: Mapping, prefix: str, path, part: str):
+    def get(name: str) -> tuple:
+        if prefix + name not in shapes:
+            raise CheckpointError(path, f"cannot infer the {part} config: key {prefix + name} is missing",
+                                  [prefix + name])
+        return _file_shape(prefix + name, _shape(shapes[prefix + name]))
+    return get
+
+
+def _has(shapes: Mapping, prefix: str, name: str) -> bool:
+    return prefix + name in shapes
+
+
+def _count(shapes: Mapping, prefix: str) -> int:
+    """Number of numbered children under prefix (`encoder.layers.` -> 12)."""
+    return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
+
+
+def _divisor(preferred: int, channels: list) -> int:
+    """`preferred` (the SD 1.x value) when it divides every channel count, else the largest that does."""
+    return math.gcd(preferred, *channels)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def load_checkpoint(path, device="cpu", dtype=None) -> StableDiffusion:
+    """Load an SD 1.x single-file checkpoint. dtype None keeps the file's float dtype."""
+    path = Path(path)
+    with _open_tensors(path) as (raw, metadata):
+        entries = _sd_entries(path, raw)
+        _require_sd1(path, entries)
+        config = _metadata_config(path, metadata) or infer_config(entries, path)
+        model = _on_meta(StableDiffusion, config)
+        _load_into(path, model, entries, device, dtype)
+    return model.eval()
+
+
+def load_vae(path, device="cpu", dtype=None) -> AutoencoderKL:
+    """Load a standalone VAE file (keys with or without first_stage_model., maybe loss.*), or the VAE of a
+    full checkpoint."""
+    path = Path(path)
+    with _open_tensors(path) as (raw, metadata):
+        entries = _vae_entries(path, raw)
+        full = _metadata_config(path, metadata)
+        config = full.vae if full is not None else infer_vae_config(entries, "", path)
+        model = _on_meta(AutoencoderKL, config)
+        _load_into(path, model, entries, device, dtype)
+    return model.eval()
+
+
+def _on_meta(cls, config):
+    with torch.device("meta"):  # no memory, no random init
+        return cls(config)
+
+
+def _load_into(path, model: torch.nn.Module, entries: dict, device, dtype) -> None:
+    """Check names and shapes, then convert tensor by tensor straight to device/dtype and assign."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_keys(path, expected, entries)
+    dtype = dtype or _file_float_dtype(entries)
+    state = {k: _convert(k, entries[k], expected[k], device, dtype) for k in expected}
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(path, f"{len(left)} model tensors are not in the state dict (non-persistent "
+                                    f"buffers?): {_few(left)}", left)
+
+
+def _check_keys(path, expected: dict, entries: dict) -> None:
+    found = {k: _file_shape(k, e.shape) for k, e in entries.items()}
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [k for k in expected if k in found and found[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_few(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} keys with the wrong shape: " + "; ".join(
+            f"{k} expected {list(expected[k])}, found {list(found[k])}" for k in wrong[:_SHOW])
+            + ("; ..." if len(wrong) > _SHOW else ""))
+    if problems:
+        raise CheckpointError(path, "does not match the model: " + " | ".join(problems),
+                              missing + unexpected + wrong)
+
+
+def _file_float_dtype(entries: dict) -> torch.dtype:
+    """The float dtype holding most of the file's elements (what dtype=None keeps)."""
+    totals = {}
+    for e in entries.values():
+        if e.dtype.is_floating_point:
+            totals[e.dtype] = totals.get(e.dtype, 0) + math.prod(e.shape)
+    return max(totals, key=totals.get) if totals else torch.float32
+
+
+def _convert(name: str, entry: _Entry, shape: tuple, device, dtype) -> torch.Tensor:
+    t = entry.read()
+    if name.endswith("position_ids"):
+        t = (t.round() if t.is_floating_point() else t).to(device=device, dtype=torch.int64)
+    elif t.is_floating_point():
+        t = t.to(device=device, dtype=dtype)
+    else:
+        t = t.to(device=device)
+    return t.reshape(shape) if tuple(t.shape) != shape else t
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+def schedule_buffers(steps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012) -> dict:
+    """The 12 DDPM buffers the LDM class stores in SD 1.x files (computed in float64, stored float32)."""
+    betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, steps, dtype=torch.float64) ** 2
+    alphas = 1.0 - betas
+    acp = torch.cumprod(alphas, 0)
+    acp_prev = torch.cat([acp.new_ones(1), acp[:-1]])
+    posterior_variance = betas * (1.0 - acp_prev) / (1.0 - acp)
+    buffers = {
+        "betas": betas,
+        "alphas_cumprod": acp,
+        "alphas_cumprod_prev": acp_prev,
+        "sqrt_alphas_cumprod": acp.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - acp).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - acp).log(),
+        "sqrt_recip_alphas_cumprod": (1.0 / acp).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / acp - 1).sqrt(),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * acp_prev.sqrt() / (1.0 - acp),
+        "posterior_mean_coef2": (1.0 - acp_prev) * alphas.sqrt() / (1.0 - acp),
+    }
+    return {k: v.to(torch.float32) for k, v in buffers.items()}
+
+
+def save_checkpoint(model: StableDiffusion, path, dtype=torch.float16, overwrite=False, metadata=None) -> Path:
+    """Write `model` as an SD 1.5 single-file .safetensors (model keys, int64 position_ids, the 12 schedule
+    buffers, config JSON in metadata). Atomic: a temp file in the same folder, then os.replace.
+    dtype None keeps the model's dtype."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: save_checkpoint writes .safetensors files only")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
+    tensors = {k: _for_saving(k, t, dtype) for k, t in model.state_dict().items()}
+    tensors.update(schedule_buffers())
+    extra = {str(k): str(v) for k, v in (metadata or {}).items()}
+    _atomic_save_file(tensors, path, {**extra, "format": "pt",
+                                      CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())})
+    return path
+
+
+def _for_saving(name: str, t: torch.Tensor, dtype) -> torch.Tensor:
+    t = t.detach().to("cpu")
+    if name.endswith("position_ids"):
+        return t.round().to(torch.int64).contiguous() if t.is_floating_point() else t.to(torch.int64).contiguous()
+    if t.is_floating_point() and dtype is not None:
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def _atomic_save_file(tensors: dict, path: Path, metadata: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def _few(keys: list) -> str:
+    shown = ", ".join(keys[:_SHOW])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > _SHOW else "")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
