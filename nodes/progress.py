@@ -1,0 +1,91 @@
+"""Progress, cancellation and previews, the same calls inside ComfyUI and headless.
+
+Node code calls ``ProgressBar(total).update_absolute(step, total, preview)`` and ``check_cancel()``.
+Inside ComfyUI these go to ``comfy.utils.ProgressBar`` (the browser's bar and previews) and
+``comfy.model_management.throw_exception_if_processing_interrupted`` (the Cancel button), imported
+lazily. Headless they draw a tqdm bar, call an optional preview hook, and raise ``Interrupted`` once
+``request_cancel()`` was called (the CLI calls it on the first Ctrl-C).
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Callable
+
+_cancel = threading.Event()
+_preview_hook: Callable | None = None
+PREVIEW_MAX_SIZE = 512
+
+
+class Interrupted(Exception):
+    """The run was cancelled; raised between steps and between nodes."""
+
+
+def in_comfyui() -> bool:
+    """True when running inside a ComfyUI server (which always imports comfy.model_management)."""
+    return "comfy.model_management" in sys.modules
+
+
+def request_cancel() -> None:
+    _cancel.set()
+
+
+def clear_cancel() -> None:
+    _cancel.clear()
+
+
+def cancel_requested() -> bool:
+    return _cancel.is_set()
+
+
+def check_cancel() -> None:
+    """Raise if cancellation was requested (ComfyUI's interrupt exception inside ComfyUI)."""
+    if in_comfyui():
+        import comfy.model_management
+        comfy.model_management.throw_exception_if_processing_interrupted()
+    if _cancel.is_set():
+        raise Interrupted("cancelled")
+
+
+def set_preview_hook(hook: Callable | None) -> None:
+    """Headless: ``hook(image: PIL.Image, value, total)`` receives every preview; None to stop."""
+    global _preview_hook
+    _preview_hook = hook
+
+
+class ProgressBar:
+    """``update(n)`` / ``update_absolute(value, total=None, preview=None)``; preview: a PIL image."""
+
+    def __init__(self, total: int, desc: str | None = None):
+        self.total, self.current = total, 0
+        self._comfy = self._tqdm = None
+        if in_comfyui():
+            import comfy.utils
+            self._comfy = comfy.utils.ProgressBar(total)
+        else:
+            from tqdm import tqdm
+            self._tqdm = tqdm(total=total, desc=desc, leave=False, disable=None)
+
+    def update_absolute(self, value: int, total: int | None = None, preview=None) -> None:
+        check_cancel()
+        if total is not None:
+            self.total = total
+        value = min(value, self.total)
+        if self._comfy is not None:
+            packed = ("JPEG", preview, PREVIEW_MAX_SIZE) if preview is not None else None
+            self._comfy.update_absolute(value, self.total, packed)
+        else:
+            self._tqdm.total = self.total
+            self._tqdm.update(value - self.current)
+            if preview is not None and _preview_hook is not None:
+                _preview_hook(preview, value, self.total)
+        self.current = value
+        if self._tqdm is not None and value >= self.total:
+            self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.update_absolute(self.current + n)
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
