@@ -1,0 +1,249 @@
+"""CLIP byte-level BPE tokenizer (the one SD 1.x prompts go through) and where to find its vocabulary.
+
+Why the `tokenizers` library and not a hand-written BPE: it is a runtime dependency ComfyUI already ships,
+it is fast (Rust), and the reference tokenizer (transformers 5.x `CLIPTokenizer`, which ComfyUI's
+`sd1_clip.SDTokenizer` calls) is itself a `tokenizers` pipeline. Building the same pipeline stages gives
+identical ids by construction, including the unicode classes of the split pattern, which Python's `re`
+cannot express. The stages (all facts about CLIP's tokenizer, checked by tests/test_text_tokenizer.py):
+
+1. clean-up: Unicode NFC, every run of whitespace (spaces, tabs, newlines) becomes one space, lower case.
+   This is transformers 5.x behaviour. Older setups differ, and ComfyUI inherits whatever transformers
+   the user has: transformers 4.x with `ftfy` ran ftfy.fix_text (which also repairs mojibake);
+   4.x without ftfy used BERT's BasicTokenizer (drops control characters, puts spaces around CJK
+   ideographs so each becomes its own word). OpenAI's original tokenizer also unescapes HTML entities
+   (`&amp;` -> `&`, twice) and strips the text; transformers does not, so by default neither do we.
+   `html_unescape=True` gives OpenAI's entity clean-up.
+2. split: `<|startoftext|>`, `<|endoftext|>`, the contractions 's 't 're 've 'm 'll 'd, runs of letters,
+   single digits, runs of anything else that is not whitespace; whitespace is dropped.
+3. each piece as UTF-8 bytes, each byte shown as one printable character (GPT-2's byte alphabet).
+4. BPE merges, applied by rank; the last symbol of every piece carries the `</w>` word-end marker.
+5. `<|startoftext|>` / `<|endoftext|>` typed in the text are the special tokens themselves.
+
+Vocabulary files are third-party data: never committed and never downloaded. `find_vocabulary` looks for
+them on this machine (see its docstring).
+"""
+import gzip
+import html
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+BOS_TEXT = "<|startoftext|>"
+EOS_TEXT = "<|endoftext|>"
+ENV_VAR = "GLASS_DIFFUSION_CLIP_VOCAB"
+OPENAI_BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+# OpenAI's vocabulary uses the first 49408 - 256 - 256 - 2 merges of its (longer) BPE file
+OPENAI_MERGE_COUNT = 49408 - 512 - 2
+
+# CLIP's pre-tokenizer pattern (onig syntax, as the tokenizers library runs it)
+SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+PathLike = Union[str, os.PathLike]
+
+
+class VocabularyNotFoundError(FileNotFoundError):
+    """No CLIP vocabulary was found; the message lists every place that was searched and how to fix it."""
+
+
+def byte_table() -> dict:
+    """{byte: printable character} of GPT-2's byte-level mapping, in CLIP vocabulary order.
+
+    Bytes that are printable Latin-1 characters stand for themselves and come first; the other 68 bytes
+    get the code points 256, 257, ... in byte order and come after them.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    table = {b: chr(b) for b in keep}
+    for n, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + n)
+    return table
+
+
+def byte_alphabet() -> list:
+    """The 256 characters standing for bytes, in vocabulary order (ids 0..255)."""
+    return list(byte_table().values())
+
+
+def vocab_from_merges(merges: list) -> dict:
+    """OpenAI's construction of the id table: bytes, bytes + '</w>', one token per merge, then the two specials."""
+    alphabet = byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [BOS_TEXT, EOS_TEXT]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError("BPE merges produce a token twice; this is not a CLIP merges file")
+    return vocab
+
+
+def _parse_merge_lines(lines: list, source: Path) -> list:
+    merges = []
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{source}: line {n + 1} is not a BPE merge ('left right'): {line[:60]!r}")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def read_vocabulary(path: PathLike) -> tuple:
+    """(vocab {token: id}, merges [(left, right)]) from one of the layouts CLIP vocabularies come in:
+
+    - a folder holding Hugging Face's `vocab.json` + `merges.txt` (diffusers `tokenizer/`, ComfyUI's
+      `comfy/sd1_tokenizer/`);
+    - a `merges.txt` file with `vocab.json` beside it;
+    - OpenAI's `bpe_simple_vocab_16e6.txt.gz` (or the same text un-gzipped): a version line then merges;
+      the ids follow from the merges (`vocab_from_merges`).
+    """
+    path = Path(path)
+    if path.is_dir():
+        vocab_file, merges_file = path / "vocab.json", path / "merges.txt"
+    elif path.name.endswith(".json"):
+        vocab_file, merges_file = path, path.with_name("merges.txt")
+    elif path.suffix == ".txt" and (path.parent / "vocab.json").is_file():
+        vocab_file, merges_file = path.parent / "vocab.json", path
+    else:
+        vocab_file, merges_file = None, path
+    opener = gzip.open if merges_file.name.endswith(".gz") else open
+    with opener(merges_file, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    # the first line is a version header in both formats ("#version: 0.2", '"bpe_simple_vocab_16e6.txt#version: 0.2')
+    body = lines[1:] if lines and "#version" in lines[0] else lines
+    if vocab_file is None:
+        merges = _parse_merge_lines(body[:OPENAI_MERGE_COUNT], merges_file)
+        return vocab_from_merges(merges), merges
+    merges = _parse_merge_lines(body, merges_file)
+    with open(vocab_file, encoding="utf-8") as f:
+        vocab = json.load(f)
+    return vocab, merges
+
+
+def _is_vocabulary(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+    return path.is_file()
+
+
+def _package_dir(name: str) -> Optional[Path]:
+    """Folder of an installed top-level package, found WITHOUT importing it (open_clip imports torchvision)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def find_vocabulary(explicit: Optional[PathLike] = None, model_dir: Optional[PathLike] = None) -> Path:
+    """Path of a CLIP vocabulary (a folder with vocab.json + merges.txt, or an OpenAI .txt.gz BPE file).
+
+    Looks, in order, at:
+    1. `explicit` (argument), then the environment variable GLASS_DIFFUSION_CLIP_VOCAB: either layout;
+    2. `<model_dir>/tokenizer/` beside a diffusers-layout model;
+    3. ComfyUI's bundled `comfy/sd1_tokenizer/` when a `comfy` package is importable (inside ComfyUI);
+    4. the BPE file carried by OpenAI-CLIP-style packages (`open_clip`, OpenAI's `clip`), located
+       without importing them.
+    An explicit path (argument or variable) that does not exist is an error, not a reason to look further.
+    Raises VocabularyNotFoundError listing every place searched and how to provide a vocabulary.
+    """
+    looked = []
+    for origin, value in (("argument", explicit), (f"environment variable {ENV_VAR}", os.environ.get(ENV_VAR))):
+        if value:
+            p = Path(value).expanduser()
+            if _is_vocabulary(p):
+                return p
+            raise VocabularyNotFoundError(
+                f"CLIP vocabulary given by {origin} not found or incomplete: {p} (expected a folder with "
+                f"vocab.json + merges.txt, a merges.txt with vocab.json beside it, or {OPENAI_BPE_NAME})")
+    looked.append(f"argument / ${ENV_VAR}: not set")
+    candidates = []
+    if model_dir is not None:
+        candidates.append(("diffusers model tokenizer folder", Path(model_dir) / "tokenizer"))
+    else:
+        looked.append("diffusers model tokenizer folder: no model folder given")
+    comfy = _package_dir("comfy")
+    if comfy is not None:
+        candidates.append(("ComfyUI bundled tokenizer", comfy / "sd1_tokenizer"))
+    else:
+        looked.append("ComfyUI bundled tokenizer: package 'comfy' not importable")
+    for pkg in ("open_clip", "clip"):
+        d = _package_dir(pkg)
+        if d is not None:
+            candidates.append((f"{pkg} package BPE file", d / OPENAI_BPE_NAME))
+        else:
+            looked.append(f"{pkg} package BPE file: package '{pkg}' not installed")
+    for what, p in candidates:
+        if _is_vocabulary(p):
+            return p
+        looked.append(f"{what}: {p} (missing)")
+    raise VocabularyNotFoundError(
+        "CLIP tokenizer vocabulary not found. Looked at:\n  - " + "\n  - ".join(looked) +
+        f"\nFix one of: pass the path of a tokenizer folder (vocab.json + merges.txt) or of {OPENAI_BPE_NAME}; "
+        f"set {ENV_VAR} to it; keep the tokenizer/ folder beside a diffusers model; run inside ComfyUI; "
+        "or `pip install --no-deps open-clip-torch`, which carries the file.")
+
+
+class CLIPTokenizer:
+    """Text -> CLIP token ids (no start/end tokens added; prompt packing adds them per window).
+
+    `vocab`: a path accepted by `read_vocabulary`, or None to search with `find_vocabulary(model_dir=...)`.
+    """
+
+    def __init__(self, vocab: Optional[PathLike] = None, *, model_dir: Optional[PathLike] = None,
+                 html_unescape: bool = False):
+        from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+        from tokenizers.models import BPE
+
+        self.path = find_vocabulary(vocab, model_dir)
+        self.vocab, merges = read_vocabulary(self.path)
+        for special in (BOS_TEXT, EOS_TEXT):
+            if special not in self.vocab:
+                raise ValueError(f"{self.path}: vocabulary has no {special} token")
+        self.html_unescape = html_unescape
+        tok = Tokenizer(BPE(vocab=self.vocab, merges=merges, end_of_word_suffix="</w>",
+                            continuing_subword_prefix="", unk_token=EOS_TEXT, fuse_unk=False))
+        tok.normalizer = normalizers.Sequence([
+            normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),  # bytes -> printable alphabet
+        ])
+        # special tokens typed in the prompt are matched as typed, before clean-up (`<|ENDOFTEXT|>` is text)
+        tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in (BOS_TEXT, EOS_TEXT)])
+        self._tok = tok
+        self._id_to_token = {i: t for t, i in self.vocab.items()}
+        self.bos_id = self.vocab[BOS_TEXT]
+        self.eos_id = self.vocab[EOS_TEXT]
+        self.pad_id = self.eos_id  # SD 1.x pads with the end token
+        self.vocab_size = len(self.vocab)
+
+    def encode(self, text: str) -> list:
+        """Token ids of `text`, without start or end token."""
+        if self.html_unescape:  # OpenAI CLIP's clean-up: entities unescaped twice, then stripped
+            text = html.unescape(html.unescape(text)).strip()
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def tokens(self, text: str) -> list:
+        """The BPE token strings of `text` (for inspection and error messages)."""
+        return [self._id_to_token[i] for i in self.encode(text)]
+
+    def decode(self, ids: list) -> str:
+        """Readable text for ids (word ends become spaces; special tokens kept)."""
+        to_byte = {c: b for b, c in byte_table().items()}
+        out = bytearray()
+        for i in ids:
+            t = self._id_to_token[int(i)]
+            if t in (BOS_TEXT, EOS_TEXT):
+                out += t.encode() + b" "
+                continue
+            end = t.endswith("</w>")
+            out += bytes(to_byte[c] for c in (t[:-4] if end else t))
+            if end:
+                out += b" "
+        return out.decode("utf-8", errors="replace").strip()
+
+    def __repr__(self) -> str:
+        return f"CLIPTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
