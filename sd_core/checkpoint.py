@@ -80,6 +80,7 @@ class _Entry:
     shape: tuple
     dtype: torch.dtype
     read: Callable[[], torch.Tensor]
+    fresh: bool = True  # read() returns a new tensor; False: a view of the file's mapping (pickles)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -127,7 +128,7 @@ def _open_pickle(path: Path) -> dict:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(path, f"{len(bad)} entries are not tensors: {_few(bad)}", bad)
-    return {k: _Entry(tuple(t.shape), t.dtype, lambda t=t: t) for k, t in obj.items()}
+    return {k: _Entry(tuple(t.shape), t.dtype, lambda t=t: t, fresh=False) for k, t in obj.items()}
 
 
 def _torch_load(path: Path):
@@ -422,13 +423,13 @@ def _file_float_dtype(entries: dict) -> torch.dtype:
 
 
 def _convert(name: str, entry: _Entry, shape: tuple, device, dtype) -> torch.Tensor:
-    t = entry.read()
+    src = entry.read()
     if name.endswith("position_ids"):
-        t = (t.round() if t.is_floating_point() else t).to(device=device, dtype=torch.int64)
-    elif t.is_floating_point():
-        t = t.to(device=device, dtype=dtype)
+        t = (src.round() if src.is_floating_point() else src).to(device=device, dtype=torch.int64)
     else:
-        t = t.to(device=device)
+        t = src.to(device=device, dtype=dtype if src.is_floating_point() else src.dtype)
+    if t is src and not entry.fresh:
+        t = t.clone()  # own the memory rather than keep the pickle's file mapping alive
     return t.reshape(shape) if tuple(t.shape) != shape else t
 
 

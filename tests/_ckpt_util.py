@@ -1,0 +1,59 @@
+"""Helpers for the checkpoint tests: tiny random models and raw checkpoint files with chosen quirks."""
+import contextlib
+import fcntl
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from glass_diffusion.sd_core.model import SDConfig, StableDiffusion
+
+DATA = Path(__file__).parent / "data"
+FULLSIZE_LOCK = "/tmp/glass_fullsize.lock"
+
+
+def tiny_model(seed: int = 0, inpainting: bool = False) -> StableDiffusion:
+    """A tiny StableDiffusion whose every float tensor (norms included) is random, so copies are checkable."""
+    torch.manual_seed(seed)
+    model = StableDiffusion(SDConfig.tiny(inpainting=inpainting))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model
+
+
+def tiny_state(seed: int = 0, inpainting: bool = False) -> dict:
+    """The raw (file-layout) state dict of tiny_model: fp32 model keys, int64 position_ids."""
+    return {k: v.clone() for k, v in tiny_model(seed, inpainting).state_dict().items()}
+
+
+def write(path: Path, state: dict, metadata: dict = None, wrap: bool = False) -> Path:
+    """Write a raw checkpoint file: .safetensors via safetensors, anything else via torch.save."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    else:
+        torch.save({"state_dict": state, "global_step": 470000, "epoch": 6} if wrap else state, path)
+    return path
+
+
+def read_tsv(path: Path = DATA / "sd15_checkpoint_keys.tsv") -> dict:
+    """{key: (shape tuple, dtype name)} from the SD 1.5 layout table."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("#") or line.startswith("key\t") or not line.strip():
+            continue
+        key, shape, dtype = line.split("\t")
+        rows[key] = (tuple(int(x) for x in shape.strip("[]").split(",") if x), dtype)
+    return rows
+
+
+@contextlib.contextmanager
+def fullsize_lock():
+    """Only one process at a time may build full-size SD 1.5 networks on this machine."""
+    with open(FULLSIZE_LOCK, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
