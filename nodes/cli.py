@@ -16,10 +16,11 @@ import argparse
 import json
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import progress, runtime
-from .executor import Executor, GraphValidationError, NodeExecutionError, validate_workflow
+from .executor import Executor, GraphValidationError, NodeExecutionError, run_workflow, validate_workflow
 from .workflow import default_registry, input_specs, load_workflow, parse_value, to_api
 
 OK, FAILED, INVALID = 0, 1, 2
@@ -42,7 +43,6 @@ def _print_errors(errors) -> None:
 
 
 def _run(args, registry) -> int:
-    runtime.configure(models_dir=args.models, output_dir=args.output, device=args.device, dtype=args.dtype)
     overrides = _parse_sets(args.set)
     previous = signal.getsignal(signal.SIGINT)
 
@@ -52,10 +52,13 @@ def _run(args, registry) -> int:
         print("\ncancelling at the next step (Ctrl-C again to stop now)", file=sys.stderr)
         progress.request_cancel()
 
-    from .executor import run_workflow
-    signal.signal(signal.SIGINT, on_sigint)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        signal.signal(signal.SIGINT, on_sigint)
     try:
-        result = run_workflow(args.workflow, overrides, registry=registry, executor=Executor(registry))
+        with runtime.settings_override(models_dir=args.models, output_dir=args.output,
+                                       device=args.device, dtype=args.dtype):
+            result = run_workflow(args.workflow, overrides, registry=registry, executor=Executor(registry))
     except GraphValidationError as e:
         _print_errors(e.errors)
         return INVALID
@@ -66,7 +69,8 @@ def _run(args, registry) -> int:
         print("interrupted", file=sys.stderr)
         return FAILED
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     for nid, ui in result.ui.items():
         print(json.dumps({"node": nid, "class_type": result.prompt[nid]["class_type"], "ui": ui}, default=str))
     return OK
