@@ -1,5 +1,6 @@
 """Helpers for the checkpoint tests: tiny random models and raw checkpoint files with chosen quirks."""
 import contextlib
+import functools
 import fcntl
 from pathlib import Path
 
@@ -23,8 +24,13 @@ def tiny_model(seed: int = 0, inpainting: bool = False) -> StableDiffusion:
 
 
 def tiny_state(seed: int = 0, inpainting: bool = False) -> dict:
-    """The raw (file-layout) state dict of tiny_model: fp32 model keys, int64 position_ids."""
-    return {k: v.clone() for k, v in tiny_model(seed, inpainting).state_dict().items()}
+    """The raw (file-layout) state dict of tiny_model: fp32 model keys, int64 position_ids (a fresh copy)."""
+    return {k: v.clone() for k, v in _tiny_state(seed, inpainting).items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_state(seed: int, inpainting: bool) -> dict:
+    return tiny_model(seed, inpainting).state_dict()
 
 
 def write(path: Path, state: dict, metadata: dict = None, wrap: bool = False) -> Path:
