@@ -1,0 +1,292 @@
+"""The shipped example workflows, described once in Python and written in both formats:
+
+- workflows/<name>.json: editor (UI) format, version 0.4, which ComfyUI serves as templates;
+- workflows/api/<name>.json: the API format twin (what ``glass-diffusion run`` and POST /prompt take).
+
+The API twin is written straight from the description (not by converting the UI file), so the tests'
+check "convert(UI) == API twin" exercises the converter. Regenerate with
+``python -m glass_diffusion.nodes.example_workflows`` (from outside the repo root, so that
+``glass_diffusion`` is the installed package).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PACK_ID = "glass-diffusion"          # the registry name (pyproject [project] name): ComfyUI-Manager's cnr_id
+PACK_REPO = "glass-diffusion/glass-diffusion"  # aux_id: the GitHub repository
+PACK_VERSION = "0.1.0"
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+INPAINT_CHECKPOINT = "sd-v1-5-inpainting.safetensors"
+INPUT_IMAGE = "example.png"
+WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
+
+
+class Graph:
+    """A workflow under construction: ``n = g.add(type, title=None, **inputs)``; ``n[i]`` is output i."""
+
+    def __init__(self, registry: dict):
+        self.registry, self.nodes = registry, []
+
+    def add(self, type_: str, title: str | None = None, **inputs):
+        node = _Node(len(self.nodes) + 1, type_, title, inputs)
+        self.nodes.append(node)
+        return node
+
+    # --- API format
+    def api(self) -> dict:
+        from .workflow import input_specs
+        out = {}
+        for n in self.nodes:
+            inputs = {k: ([str(v.node.id), v.slot] if isinstance(v, _Out) else v) for k, v in n.inputs.items()}
+            for s in input_specs(self.registry[n.type]).values():  # widgets left out get their defaults
+                if s.is_widget and s.name not in inputs:
+                    inputs[s.name] = s.options.get("default", (s.combo or [None])[0])
+            entry = {"class_type": n.type, "inputs": inputs}
+            if n.title:
+                entry["_meta"] = {"title": n.title}
+            out[str(n.id)] = entry
+        return out
+
+    # --- UI format (0.4)
+    def ui(self) -> dict:
+        from .workflow import input_specs
+        links, link_id = [], 0
+        in_links: dict = {}       # (node id, input name) -> link id
+        out_links: dict = {}      # (node id, slot) -> [link ids]
+        order = {n.id: i for i, n in enumerate(self._topological())}
+        for n in self.nodes:
+            specs = input_specs(self.registry[n.type])
+            sockets = [s for s in specs.values() if not s.is_widget and s.category != "hidden"]
+            for slot, spec in enumerate(sockets):
+                v = n.inputs.get(spec.name)
+                if isinstance(v, _Out):
+                    link_id += 1
+                    out_type = self.registry[v.node.type].RETURN_TYPES[v.slot]
+                    links.append([link_id, v.node.id, v.slot, n.id, slot, out_type])
+                    in_links[(n.id, spec.name)] = link_id
+                    out_links.setdefault((v.node.id, v.slot), []).append(link_id)
+        nodes, column = [], {}
+        for n in self.nodes:
+            cls = self.registry[n.type]
+            specs = input_specs(cls)
+            sockets = [s for s in specs.values() if not s.is_widget and s.category != "hidden"]
+            widgets = []
+            for s in specs.values():
+                if s.is_widget:
+                    value = n.inputs.get(s.name, s.options.get("default", (s.combo or [None])[0]))
+                    widgets.append(value)
+                    if s.has_control:
+                        widgets.append("fixed")
+            names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+            col = order[n.id] // 3
+            row = column.get(col, 0)
+            column[col] = row + 1
+            node = {
+                "id": n.id, "type": n.type, "pos": [40 + 360 * col, 40 + 300 * row], "size": [320, 200],
+                "flags": {}, "order": order[n.id], "mode": 0,
+                "inputs": [{"name": s.name, "type": s.type_name, "link": in_links.get((n.id, s.name))}
+                           for s in sockets],
+                "outputs": [{"name": name, "type": typ, "links": out_links.get((n.id, i), []), "slot_index": i}
+                            for i, (name, typ) in enumerate(zip(names, cls.RETURN_TYPES))],
+                "properties": {"cnr_id": PACK_ID, "aux_id": PACK_REPO, "ver": PACK_VERSION,
+                               "Node name for S&R": n.type},
+                "widgets_values": widgets,
+            }
+            if n.title:
+                node["title"] = n.title
+            nodes.append(node)
+        return {"last_node_id": len(self.nodes), "last_link_id": link_id, "nodes": nodes, "links": links,
+                "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
+
+    def _topological(self):
+        done, out = set(), []
+
+        def visit(n):
+            if n.id in done:
+                return
+            for v in n.inputs.values():
+                if isinstance(v, _Out):
+                    visit(v.node)
+            done.add(n.id)
+            out.append(n)
+        for n in self.nodes:
+            visit(n)
+        return out
+
+
+class _Node:
+    def __init__(self, id_, type_, title, inputs):
+        self.id, self.type, self.title, self.inputs = id_, type_, title, inputs
+
+    def __getitem__(self, slot: int) -> "_Out":
+        return _Out(self, slot)
+
+
+class _Out:
+    def __init__(self, node: _Node, slot: int):
+        self.node, self.slot = node, slot
+
+
+NEGATIVE = "blurry, low quality, watermark, text"
+
+
+def _base(g: Graph, ckpt: str = CHECKPOINT, prompt: str = "a lighthouse on a rocky coast at sunset, oil painting"):
+    loader = g.add("GlassCheckpointLoader", "Checkpoint", ckpt_name=ckpt, weight_dtype="auto")
+    pos = g.add("GlassTextEncode", "Positive", clip=loader[1], text=prompt, weighting="comfy")
+    neg = g.add("GlassTextEncode", "Negative", clip=loader[1], text=NEGATIVE, weighting="comfy")
+    return loader, pos, neg
+
+
+def _ksampler(g, title, loader, pos, neg, latent, seed=42, steps=20, cfg=7.5, denoise=1.0,
+              sampler="euler", scheduler="normal"):
+    return g.add("GlassKSampler", title, unet=loader[0], seed=seed, steps=steps, cfg=cfg, sampler_name=sampler,
+                 scheduler=scheduler, positive=pos[0], negative=neg[0], latent_image=latent, denoise=denoise)
+
+
+def text_to_image(g: Graph):
+    loader, pos, neg = _base(g)
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=1)
+    ks = _ksampler(g, "Sampler", loader, pos, neg, empty[0])
+    image = g.add("GlassVAEDecode", "Decode", samples=ks[0], vae=loader[2])
+    g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="txt2img")
+
+
+def image_to_image(g: Graph):
+    loader, pos, neg = _base(g, prompt="a watercolor painting of a harbour, soft light")
+    load = g.add("GlassLoadImage", "Load Image", image=INPUT_IMAGE)
+    enc = g.add("GlassVAEEncode", "Encode", pixels=load[0], vae=loader[2])
+    ks = _ksampler(g, "Sampler", loader, pos, neg, enc[0], denoise=0.6)
+    image = g.add("GlassVAEDecode", "Decode", samples=ks[0], vae=loader[2])
+    g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="img2img")
+
+
+def inpaint_noise_mask(g: Graph):
+    loader, pos, neg = _base(g, prompt="a red wooden door")
+    load = g.add("GlassLoadImage", "Load Image", image=INPUT_IMAGE)
+    enc = g.add("GlassVAEEncode", "Encode", pixels=load[0], vae=loader[2])
+    masked = g.add("GlassSetNoiseMask", "Noise Mask", samples=enc[0], mask=load[1])
+    ks = _ksampler(g, "Sampler", loader, pos, neg, masked[0], denoise=1.0)
+    image = g.add("GlassVAEDecode", "Decode", samples=ks[0], vae=loader[2])
+    g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="inpaint_mask")
+
+
+def inpaint_9channel(g: Graph):
+    loader, pos, neg = _base(g, ckpt=INPAINT_CHECKPOINT, prompt="a red wooden door")
+    load = g.add("GlassLoadImage", "Load Image", image=INPUT_IMAGE)
+    enc = g.add("GlassVAEEncodeForInpaint", "Encode for Inpainting", pixels=load[0], vae=loader[2],
+                mask=load[1], grow_mask_by=6)
+    ks = _ksampler(g, "Sampler", loader, pos, neg, enc[0], denoise=1.0)
+    image = g.add("GlassVAEDecode", "Decode", samples=ks[0], vae=loader[2])
+    g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="inpaint_9ch")
+
+
+def hires_fix(g: Graph):
+    loader, pos, neg = _base(g)
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=1)
+    first = _ksampler(g, "First Pass", loader, pos, neg, empty[0])
+    up = g.add("GlassLatentUpscale", "Upscale", samples=first[0], upscale_method="nearest-exact",
+               width=768, height=768, crop="disabled")
+    second = _ksampler(g, "Second Pass", loader, pos, neg, up[0], seed=43, denoise=0.5)
+    image = g.add("GlassVAEDecodeTiled", "Decode", samples=second[0], vae=loader[2], tile_size=512, overlap=64)
+    g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="hires")
+
+
+def step_by_step(g: Graph):
+    loader, pos, neg = _base(g)
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=1)
+    sched = g.add("GlassScheduler", "Schedule", unet=loader[0], scheduler="karras", steps=12, denoise=1.0)
+    sampler = g.add("GlassSamplerSelect", "Sampler Choice", sampler_name="euler")
+    latent, stages = empty[0], ((0, 4), (4, 8), (8, 12))
+    for i, (start, end) in enumerate(stages, 1):
+        steps = g.add("GlassDenoiseSteps", f"Steps {start}-{end}", unet=loader[0], positive=pos[0],
+                      negative=neg[0], sampler=sampler[0], sigmas=sched[0], latent_image=latent,
+                      add_noise=(i == 1), noise_seed=42, cfg=7.5, start_step=start, end_step=end)
+        x0 = g.add("GlassVAEDecode", f"Decode x0 {i}", samples=steps[1], vae=loader[2])
+        g.add("GlassSaveImage", f"Save x0 {i}", images=x0[0], filename_prefix=f"steps/stage{i}_x0")
+        latent = steps[0]
+        if i == 1:  # what the UNet predicts for the stage-1 latent at the sigma it stopped at
+            predict = g.add("GlassUNetPredict", "UNet Predict", unet=loader[0], positive=pos[0], negative=neg[0],
+                            latent=steps[0], cfg=7.5, sigma=1.0, sigmas=sched[0], step=end)
+            x0p = g.add("GlassVAEDecode", "Decode predicted x0", samples=predict[1], vae=loader[2])
+            g.add("GlassPreviewImage", "Preview predicted x0", images=x0p[0])
+    final = g.add("GlassVAEDecode", "Decode final", samples=latent, vae=loader[2])
+    g.add("GlassSaveImage", "Save final", images=final[0], filename_prefix="steps/final")
+
+
+def prompt_weighting(g: Graph):
+    loader = g.add("GlassCheckpointLoader", "Checkpoint", ckpt_name=CHECKPOINT, weight_dtype="auto")
+    prompt = "a cottage in a (flower meadow:1.4), (blue sky), ((clouds))"
+    neg = g.add("GlassTextEncode", "Negative", clip=loader[1], text=NEGATIVE, weighting="comfy")
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=1)
+    for mode in ("comfy", "a1111"):
+        pos = g.add("GlassTextEncode", f"Positive ({mode})", clip=loader[1], text=prompt, weighting=mode)
+        ks = _ksampler(g, f"Sampler ({mode})", loader, pos, neg, empty[0])
+        image = g.add("GlassVAEDecode", f"Decode ({mode})", samples=ks[0], vae=loader[2])
+        g.add("GlassSaveImage", f"Save ({mode})", images=image[0], filename_prefix=f"weighting_{mode}")
+
+
+def clip_skip(g: Graph):
+    loader = g.add("GlassCheckpointLoader", "Checkpoint", ckpt_name=CHECKPOINT, weight_dtype="auto")
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=1)
+    prompt = "portrait of an old fisherman, detailed, dramatic light"
+    for layer in (-1, -2):
+        clip = g.add("GlassClipSkip", f"Clip Skip {layer}", clip=loader[1], stop_at_clip_layer=layer)
+        pos = g.add("GlassTextEncode", f"Positive ({layer})", clip=clip[0], text=prompt, weighting="comfy")
+        neg = g.add("GlassTextEncode", f"Negative ({layer})", clip=clip[0], text=NEGATIVE, weighting="comfy")
+        ks = _ksampler(g, f"Sampler ({layer})", loader, pos, neg, empty[0])
+        image = g.add("GlassVAEDecode", f"Decode ({layer})", samples=ks[0], vae=loader[2])
+        g.add("GlassSaveImage", f"Save ({layer})", images=image[0], filename_prefix=f"clipskip{-layer}")
+
+
+def batch_of_seeds(g: Graph):
+    loader, pos, neg = _base(g)
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=4)
+    ks = _ksampler(g, "Sampler", loader, pos, neg, empty[0], seed=1234)
+    image = g.add("GlassVAEDecode", "Decode", samples=ks[0], vae=loader[2])
+    g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="batch")
+    pick = g.add("GlassLatentFromBatch", "Pick", samples=ks[0], batch_index=2, length=1)
+    one = g.add("GlassVAEDecode", "Decode picked", samples=pick[0], vae=loader[2])
+    g.add("GlassPreviewImage", "Preview picked", images=one[0])
+
+
+WORKFLOWS = {
+    "text_to_image": text_to_image,
+    "image_to_image": image_to_image,
+    "inpaint_noise_mask": inpaint_noise_mask,
+    "inpaint_9channel": inpaint_9channel,
+    "hires_fix": hires_fix,
+    "step_by_step": step_by_step,
+    "prompt_weighting": prompt_weighting,
+    "clip_skip": clip_skip,
+    "batch_of_seeds": batch_of_seeds,
+}
+
+
+def build(name: str, registry: dict | None = None) -> Graph:
+    if registry is None:
+        from .registry import NODE_CLASS_MAPPINGS as registry
+    g = Graph(registry)
+    WORKFLOWS[name](g)
+    return g
+
+
+def _dump(data: dict) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_all(folder: Path = WORKFLOWS_DIR) -> list[Path]:
+    folder = Path(folder)
+    (folder / "api").mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in WORKFLOWS:
+        g = build(name)
+        for path, data in ((folder / f"{name}.json", g.ui()), (folder / "api" / f"{name}.json", g.api())):
+            path.write_text(_dump(data), encoding="utf-8")
+            written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in write_all():
+        print("wrote", p)

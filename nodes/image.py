@@ -1,0 +1,233 @@
+"""Image nodes: load (image + mask from alpha), save (PNG with ComfyUI's metadata), preview."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, ImageSequence
+from PIL.PngImagePlugin import PngInfo
+
+from . import paths
+from .types import IMAGE, MASK, NodeInputError
+
+CATEGORY = "Glass Diffusion/image"
+
+
+def image_to_pil(image: torch.Tensor) -> Image.Image:
+    """One IMAGE item [H, W, 3] (0..1) -> 8-bit RGB."""
+    array = np.clip(255.0 * image.detach().float().cpu().numpy(), 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def load_image_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A file -> (IMAGE [F, H, W, 3], MASK [F, H, W]); mask = 1 - alpha, zeros (64x64) without alpha.
+    Frames of another size than the first are skipped (animated files)."""
+    img = Image.open(path)
+    images, masks, size = [], [], None
+    for frame in ImageSequence.Iterator(img):
+        frame = ImageOps.exif_transpose(frame)
+        if frame.mode == "I":  # 16-bit greyscale
+            frame = frame.point(lambda v: v * (1 / 255))
+        rgb = frame.convert("RGB")
+        size = size or rgb.size
+        if rgb.size != size:
+            continue
+        images.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0))  # (H, W, 3)
+        if "A" in frame.getbands():
+            alpha = np.asarray(frame.getchannel("A"), dtype=np.float32) / 255.0
+        elif frame.mode == "P" and "transparency" in frame.info:
+            alpha = np.asarray(frame.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
+        else:
+            alpha = None
+        masks.append(1.0 - torch.from_numpy(alpha) if alpha is not None else torch.zeros(64, 64))
+        if img.format == "MPO":
+            break
+    return torch.stack(images), torch.stack(masks) if len({m.shape for m in masks}) == 1 else masks[0][None]
+
+
+def _expand_prefix(prefix: str, width: int, height: int) -> str:
+    now = time.localtime()
+    for key, value in (("%width%", width), ("%height%", height), ("%year%", now.tm_year),
+                       ("%month%", f"{now.tm_mon:02}"), ("%day%", f"{now.tm_mday:02}"),
+                       ("%hour%", f"{now.tm_hour:02}"), ("%minute%", f"{now.tm_min:02}"),
+                       ("%second%", f"{now.tm_sec:02}")):
+        prefix = prefix.replace(key, str(value))
+    return prefix
+
+
+def next_counter(folder: Path, name: str) -> int:
+    """1 + the largest N among files '<name>_NNNNN_*' in folder (ComfyUI's numbering), or 1."""
+    pattern = re.compile(re.escape(name) + r"_(\d+)_", re.IGNORECASE)
+    numbers = [int(m.group(1)) for f in (os.listdir(folder) if folder.is_dir() else [])
+               if (m := pattern.match(f))]
+    return max(numbers, default=0) + 1
+
+
+def _link_no_replace(src: str, dst: str) -> None:
+    """Give the finished temp file its final name; raise FileExistsError rather than replace a file."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # file systems without hard links: exclusive create, then replace our own empty file
+        fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.close(fd)
+        os.replace(src, dst)
+
+
+def save_images(images: torch.Tensor, filename_prefix: str, root: Path, *, node: str, prompt=None,
+                extra_pnginfo=None, compress_level: int = 4, folder_type: str = "output") -> list[dict]:
+    """Write each image as '<prefix>_<NNNNN>_.png' under root, never replacing a file.
+
+    tEXt chunks as ComfyUI writes them: 'prompt' = JSON of the API graph, then one chunk per
+    extra_pnginfo key (in practice 'workflow' = the UI graph). Every file is written to a temp file
+    first; if any image fails, the files already placed by this call are removed again.
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise NodeInputError(node, "images", f"expected an IMAGE tensor [B, H, W, 3], got "
+                                             f"{getattr(images, 'shape', type(images).__name__)}")
+    root = Path(root).resolve()
+    prefix = _expand_prefix(filename_prefix, images.shape[2], images.shape[1])
+    target = (root / os.path.normpath(prefix)).resolve()
+    if target != root and root not in target.parents:
+        raise NodeInputError(node, "filename_prefix", f"{filename_prefix!r} points outside the folder {root}")
+    folder, name = target.parent, target.name
+    subfolder = "" if folder == root else folder.relative_to(root).as_posix()
+    folder.mkdir(parents=True, exist_ok=True)
+
+    metadata = PngInfo()
+    if prompt is not None:
+        metadata.add_text("prompt", json.dumps(prompt))
+    for key, value in (extra_pnginfo or {}).items():
+        metadata.add_text(key, json.dumps(value))
+
+    placed, temps, results = [], [], []
+    try:
+        counter = next_counter(folder, name)
+        for batch_number, image in enumerate(images):
+            if image.shape[-1] == 1:
+                image = image.expand(-1, -1, 3)
+            fd, tmp = tempfile.mkstemp(prefix=".glass-", suffix=".png.tmp", dir=folder)
+            temps.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                image_to_pil(image[..., :3]).save(f, format="PNG", pnginfo=metadata, compress_level=compress_level)
+            file_name = name.replace("%batch_num%", str(batch_number))
+            while True:
+                file = f"{file_name}_{counter:05}_.png"
+                try:
+                    _link_no_replace(tmp, str(folder / file))
+                    break
+                except FileExistsError:
+                    counter += 1  # someone else took this number meanwhile
+            placed.append(folder / file)
+            results.append({"filename": file, "subfolder": subfolder, "type": folder_type})
+            counter += 1
+    except BaseException:
+        for p in placed:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        raise
+    finally:
+        for tmp in temps:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return results
+
+
+class GlassLoadImage:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": (paths.list_input_images(), {"image_upload": True, "tooltip":
+                      "An image from the input folder. Its alpha channel becomes the mask."}),
+        }}
+
+    RETURN_TYPES = (IMAGE, MASK)
+    RETURN_NAMES = ("image", "mask")
+    OUTPUT_TOOLTIPS = ("The image, [B, H, W, 3] in 0..1.",
+                       "1 - alpha: 1 where the image is transparent (the area to repaint); zeros if it has no alpha.")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads an image from the input folder, with a mask taken from its alpha channel (1 - alpha)."
+
+    def load(self, image):
+        path = paths.annotated_image_path(image)
+        if not path.is_file():
+            raise NodeInputError("GlassLoadImage", "image", f"no such image file: {path}")
+        return load_image_file(path)
+
+    @classmethod
+    def IS_CHANGED(cls, image):
+        path = paths.annotated_image_path(image)
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, image):
+        if not paths.annotated_image_path(image).is_file():
+            return f"GlassLoadImage: input 'image': no such image file: {image}"
+        return True
+
+
+class GlassSaveImage:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": (IMAGE, {"tooltip": "The images to save."}),
+                "filename_prefix": ("STRING", {"default": "Glass", "tooltip":
+                                    "File name prefix; may contain a subfolder and %width%, %height%, %date% parts "
+                                    "(%year%, %month%, %day%, ...). Files are numbered <prefix>_00001_.png and never overwritten."}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Saves images as numbered PNG files in the output folder, with the workflow in the file "
+                   "(drag a saved PNG into ComfyUI to get its workflow back).")
+
+    def save(self, images, filename_prefix="Glass", prompt=None, extra_pnginfo=None):
+        results = save_images(images, filename_prefix, paths.output_dir(), node="GlassSaveImage",
+                              prompt=prompt, extra_pnginfo=extra_pnginfo)
+        return {"ui": {"images": results}}
+
+
+class GlassPreviewImage:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"images": (IMAGE, {"tooltip": "The images to preview."})},
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "preview"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Shows images without keeping them: they go to the temporary folder."
+
+    def preview(self, images, prompt=None, extra_pnginfo=None):
+        suffix = "_temp_" + "".join(random.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
+        results = save_images(images, "GlassPreview" + suffix, paths.temp_dir(), node="GlassPreviewImage",
+                              prompt=prompt, extra_pnginfo=extra_pnginfo, compress_level=1, folder_type="temp")
+        return {"ui": {"images": results}}
+
+
+NODE_CLASS_MAPPINGS = {"GlassLoadImage": GlassLoadImage, "GlassSaveImage": GlassSaveImage,
+                       "GlassPreviewImage": GlassPreviewImage}
+NODE_DISPLAY_NAME_MAPPINGS = {"GlassLoadImage": "Load Image (Glass)", "GlassSaveImage": "Save Image (Glass)",
+                              "GlassPreviewImage": "Preview Image (Glass)"}

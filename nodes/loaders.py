@@ -1,0 +1,116 @@
+"""Loader nodes: a single-file SD 1.x checkpoint (-> UNet, CLIP, VAE) and a standalone VAE.
+
+Files are listed from ComfyUI's models/checkpoints and models/vae inside ComfyUI, and from
+<models_dir>/checkpoints and <models_dir>/vae headless (nodes/paths.py).
+
+The CLIP vocabulary for a checkpoint is looked up, in order: a `<checkpoint stem>.tokenizer/` folder
+beside the file (vocab.json + merges.txt), a `tokenizer/` folder beside it (diffusers layout), then
+sd_core.tokenizer.find_vocabulary's standard search (GLASS_DIFFUSION_CLIP_VOCAB, ComfyUI's bundled
+tokenizer, the open_clip package's BPE file).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import paths
+from .types import GLASS_CLIP, GLASS_UNET, GLASS_VAE, GlassCLIP, GlassUNet, GlassVAE, NodeInputError
+
+CATEGORY = "Glass Diffusion/loaders"
+DTYPE_CHOICES = ["auto", "fp32", "fp16", "bf16"]
+DTYPE_TOOLTIP = "Weight precision: auto = fp16 on a GPU, fp32 on the CPU (or the --dtype setting headless)."
+
+
+def _resolve(node: str, input_name: str, kind: str, name: str) -> Path:
+    path = paths.full_path(kind, name)
+    if path is None:
+        where = "ComfyUI's models/" + kind if paths.comfy_folder_paths() else str(paths.folder(kind))
+        raise NodeInputError(node, input_name, f"no file {name!r} in {where}")
+    return path
+
+
+def vocabulary_for(checkpoint: Path):
+    """The explicit vocabulary beside a checkpoint, or None for the standard search."""
+    for candidate in (checkpoint.with_name(checkpoint.stem + ".tokenizer"), checkpoint.parent / "tokenizer"):
+        if (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file():
+            return candidate
+    return None
+
+
+def make_tokenizer(node: str, checkpoint: Path, clip_config):
+    """The checkpoint's tokenizer, checked against the text model's vocabulary and end token."""
+    from ..sd_core.tokenizer import CLIPTokenizer
+    try:
+        tokenizer = CLIPTokenizer(vocabulary_for(checkpoint), model_dir=checkpoint.parent)
+    except FileNotFoundError as e:
+        raise NodeInputError(node, "ckpt_name", f"no CLIP vocabulary for {checkpoint.name}: {e}") from None
+    if tokenizer.vocab_size > clip_config.vocab_size or tokenizer.eos_id != clip_config.eos_token_id:
+        raise NodeInputError(node, "ckpt_name",
+                             f"the CLIP vocabulary {tokenizer.path} ({tokenizer.vocab_size} tokens, end token "
+                             f"{tokenizer.eos_id}) does not fit the text model of {checkpoint.name} "
+                             f"({clip_config.vocab_size} tokens, end token {clip_config.eos_token_id}); put the "
+                             f"right vocabulary in {checkpoint.stem}.tokenizer/ beside the checkpoint")
+    return tokenizer
+
+
+class GlassCheckpointLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "ckpt_name": (paths.list_files("checkpoints"), {"tooltip": "An SD 1.x single-file checkpoint "
+                          "(.safetensors preferred), from the checkpoints folder."}),
+            "weight_dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+        }}
+
+    RETURN_TYPES = (GLASS_UNET, GLASS_CLIP, GLASS_VAE)
+    RETURN_NAMES = ("unet", "clip", "vae")
+    OUTPUT_TOOLTIPS = ("The denoising UNet with its noise schedule (4- or 9-channel inpainting).",
+                       "The CLIP text encoder with its tokenizer.",
+                       "The autoencoder between pixels and latents.")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads an SD 1.x checkpoint into Glass Diffusion's own UNet, CLIP and VAE."
+
+    def load(self, ckpt_name, weight_dtype="auto"):
+        from ..sd_core.checkpoint import load_checkpoint
+        from ..sd_core.schedules import ModelSampling
+        node = "GlassCheckpointLoader"
+        if weight_dtype not in DTYPE_CHOICES:
+            raise NodeInputError(node, "weight_dtype", f"{weight_dtype!r} is not one of {DTYPE_CHOICES}")
+        path = _resolve(node, "ckpt_name", "checkpoints", ckpt_name)
+        device, dtype = paths.device_and_dtype(weight_dtype)
+        sd = load_checkpoint(path, device=device, dtype=dtype)
+        tokenizer = make_tokenizer(node, path, sd.config.clip)
+        unet = GlassUNet(sd.unet, ModelSampling(), scaling_factor=sd.config.vae.scaling_factor, source=path.name)
+        clip = GlassCLIP(sd.clip, tokenizer, embeddings_dir=paths.embeddings_dir(), source=path.name)
+        vae = GlassVAE(sd.vae, source=path.name)
+        return (unet, clip, vae)
+
+
+class GlassVAELoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": (paths.list_files("vae"), {"tooltip": "A standalone SD 1.x VAE file (or a full checkpoint) "
+                         "from the vae folder."}),
+            "weight_dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+        }}
+
+    RETURN_TYPES = (GLASS_VAE,)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The autoencoder, to use instead of a checkpoint's own VAE.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a standalone VAE (e.g. the improved ft-MSE VAE) for Glass Diffusion's encode/decode nodes."
+
+    def load(self, vae_name, weight_dtype="auto"):
+        from ..sd_core.checkpoint import load_vae
+        node = "GlassVAELoader"
+        if weight_dtype not in DTYPE_CHOICES:
+            raise NodeInputError(node, "weight_dtype", f"{weight_dtype!r} is not one of {DTYPE_CHOICES}")
+        path = _resolve(node, "vae_name", "vae", vae_name)
+        device, dtype = paths.device_and_dtype(weight_dtype)
+        return (GlassVAE(load_vae(path, device=device, dtype=dtype), source=path.name),)
+
+
+NODE_CLASS_MAPPINGS = {"GlassCheckpointLoader": GlassCheckpointLoader, "GlassVAELoader": GlassVAELoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"GlassCheckpointLoader": "Load Checkpoint (Glass)", "GlassVAELoader": "Load VAE (Glass)"}

@@ -1,0 +1,396 @@
+"""Sampling nodes: scheduler (-> SIGMAS), sampler choice (-> GLASS_SAMPLER), the full denoise loop, a
+denoise-steps node running steps [start, end) of a schedule, a UNet-predict node, and a KSampler.
+
+All of them call sd_core.sampling.sample (ComfyUI's KSampler semantics: noise, latent scale, noise masks,
+9-channel inpainting). Progress goes through nodes/progress.py: ComfyUI's progress bar, Cancel button and
+latent previews inside ComfyUI; a tqdm bar (and Ctrl-C cancel) headless.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import progress
+from .latent import check_latent
+from .types import (CONDITIONING, GLASS_SAMPLER, GLASS_UNET, LATENT, SIGMAS, GlassSampler, GlassUNet,
+                    NodeInputError)
+
+CATEGORY = "Glass Diffusion/sampling"
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+NOISE_KINDS = ["cpu", "device"]
+
+# A published linear approximation of SD 1.x latents (scaled) as RGB, for step previews: rgb = latent @ M.
+LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227],
+                           [0.3250, 0.4974, 0.2350],
+                           [-0.2829, 0.1762, 0.2721],
+                           [-0.2120, -0.2616, -0.7177]])
+
+
+def sampler_names() -> list[str]:
+    from ..sd_core.samplers import SAMPLER_NAMES
+    return list(SAMPLER_NAMES)
+
+
+def scheduler_names() -> list[str]:
+    from ..sd_core.schedules import SCHEDULER_NAMES
+    return list(SCHEDULER_NAMES)
+
+
+def check_unet(node: str, unet) -> GlassUNet:
+    if not isinstance(unet, GlassUNet):
+        raise NodeInputError(node, "unet", f"expected a GLASS_UNET (from a Glass checkpoint loader), got "
+                                           f"{type(unet).__name__}")
+    return unet
+
+
+def check_conditioning(node: str, name: str, cond, unet: GlassUNet):
+    from ..sd_core.guidance import validate_conditioning
+    try:
+        validate_conditioning(cond, unet.model.config.context_dim, name)
+    except ValueError as e:
+        raise NodeInputError(node, name, str(e)) from None
+    return cond
+
+
+def check_sigmas(node: str, sigmas) -> torch.Tensor:
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1:
+        raise NodeInputError(node, "sigmas", f"expected SIGMAS (a 1-D tensor), got "
+                                             f"{getattr(sigmas, 'shape', type(sigmas).__name__)}")
+    if len(sigmas) and (not torch.isfinite(sigmas).all() or (sigmas[1:] > sigmas[:-1]).any()):
+        raise NodeInputError(node, "sigmas", "must be finite and descending")
+    return sigmas
+
+
+def latent_preview(denoised: torch.Tensor):
+    """An RGB preview (PIL) of the first latent of a batch of scaled x0 estimates."""
+    from PIL import Image
+    x0 = denoised[0].detach().float().cpu()
+    if x0.shape[0] != 4:
+        return None
+    rgb = torch.einsum("chw,cr->hwr", x0, LATENT_RGB)  # (4, h, w) -> (h, w, 3)
+    rgb = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).to(torch.uint8)
+    return Image.fromarray(rgb.numpy())
+
+
+def _previews_wanted() -> bool:
+    return progress.in_comfyui() or getattr(progress, "_preview_hook", None) is not None
+
+
+class _Progress:
+    """sd_core callback(step, x, denoised): progress, Cancel, previews; remembers the last x0 estimate."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar = progress.ProgressBar(total, desc=desc)
+        self.total, self.last_x0, self.previews = total, None, _previews_wanted()
+
+    def __call__(self, step, x, denoised):
+        self.last_x0 = denoised
+        preview = latent_preview(denoised) if self.previews else None
+        self.bar.update_absolute(step + 1, self.total, preview)
+
+    def close(self):
+        self.bar.close()
+
+
+def run_sampler(node: str, unet: GlassUNet, positive, negative, latent: dict, *, seed: int, cfg: float,
+                sampler: GlassSampler, sigmas=None, steps: int = 1, scheduler: str = "normal",
+                denoise: float = 1.0, add_noise: bool = True, start_step=None, last_step=None,
+                force_full_denoise: bool = False):
+    """sd_core.sampling.sample with progress; returns (LATENT result, LATENT last x0 estimate)."""
+    from ..sd_core.sampling import sample
+    check_conditioning(node, "positive", positive, unet)
+    check_conditioning(node, "negative", negative, unet)
+    samples = check_latent(node, "latent_image", latent)
+    if samples.shape[1] != 4:
+        raise NodeInputError(node, "latent_image", f"expected a 4-channel SD 1.x latent, got {samples.shape[1]} channels")
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise NodeInputError(node, "seed", f"must be in 0..{MAX_SEED}, got {seed}")
+    if sigmas is not None:
+        total = len(sigmas) - 1
+        lo = start_step or 0
+        hi = total if last_step is None else min(last_step, total)
+        total = max(hi - lo, 0)
+    else:
+        total = steps
+    progress.check_cancel()
+    bar = _Progress(max(total, 1), node)
+    try:
+        with torch.no_grad():
+            out = sample(unet.model, positive, negative, latent, seed=int(seed), steps=steps, cfg=cfg,
+                         sampler_name=sampler.name, scheduler=scheduler, denoise=denoise, add_noise=add_noise,
+                         start_step=start_step, last_step=last_step, force_full_denoise=force_full_denoise,
+                         noise_kind=sampler.options.get("noise", "cpu"), callback=bar,
+                         model_sampling=unet.model_sampling, scaling_factor=unet.scaling_factor, sigmas=sigmas,
+                         sampler_options={k: v for k, v in sampler.options.items() if k != "noise"} or None)
+    except (progress.Interrupted, KeyboardInterrupt):
+        raise
+    except ValueError as e:
+        raise ValueError(f"{node}: {e}") from e
+    finally:
+        bar.close()
+    x0 = dict(out)
+    if bar.last_x0 is not None:
+        x0["samples"] = (bar.last_x0 / unet.scaling_factor).float().cpu()
+    return out, x0
+
+
+def _cfg_input():
+    return ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip":
+                      "Classifier-free guidance scale: how strongly the positive prompt (against the negative) "
+                      "steers the image. 1 = no guidance (the negative is skipped)."})
+
+
+def _seed_input(name="seed"):
+    return ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip":
+                    "The seed of the starting noise (drawn on the CPU, so the same on every machine)."})
+
+
+def _cond_inputs():
+    return {"positive": (CONDITIONING, {"tooltip": "What the image should show."}),
+            "negative": (CONDITIONING, {"tooltip": "What the image should not show."})}
+
+
+class GlassScheduler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet": (GLASS_UNET, {"tooltip": "The UNet whose noise schedule is used."}),
+            "scheduler": (scheduler_names(), {"default": "normal", "tooltip": "How the noise levels are spaced."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Number of steps."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                        "Below 1, only the last part of a longer schedule is kept (for image-to-image)."}),
+        }}
+
+    RETURN_TYPES = (SIGMAS,)
+    RETURN_NAMES = ("sigmas",)
+    OUTPUT_TOOLTIPS = ("The noise levels, descending, ending with 0 (steps + 1 values).",)
+    FUNCTION = "get_sigmas"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Builds a noise schedule (SIGMAS) for the denoise loop and denoise-steps nodes."
+
+    def get_sigmas(self, unet, scheduler, steps, denoise):
+        from ..sd_core.schedules import get_sigmas
+        node = "GlassScheduler"
+        unet = check_unet(node, unet)
+        if scheduler not in scheduler_names():
+            raise NodeInputError(node, "scheduler", f"{scheduler!r} is not one of {scheduler_names()}")
+        if not isinstance(steps, int) or steps < 1:
+            raise NodeInputError(node, "steps", f"must be an integer >= 1, got {steps!r}")
+        if not 0.0 <= float(denoise) <= 1.0:
+            raise NodeInputError(node, "denoise", f"must be in 0..1, got {denoise!r}")
+        return (get_sigmas(scheduler, unet.model_sampling, steps, float(denoise)).float().cpu(),)
+
+
+class GlassSamplerSelect:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "sampler_name": (sampler_names(), {"default": "euler", "tooltip": "The sampling method."}),
+            "step_noise": (NOISE_KINDS, {"default": "cpu", "tooltip":
+                           "Ancestral / SDE samplers: 'cpu' draws their step noise on the CPU (same image on any "
+                           "device); 'device' draws it on the GPU as ComfyUI does."}),
+        }}
+
+    RETURN_TYPES = (GLASS_SAMPLER,)
+    RETURN_NAMES = ("sampler",)
+    OUTPUT_TOOLTIPS = ("The sampler, for the denoise loop and denoise-steps nodes.",)
+    FUNCTION = "select"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Chooses a sampling method (euler, dpmpp_2m, ...)."
+
+    def select(self, sampler_name, step_noise="cpu"):
+        node = "GlassSamplerSelect"
+        if sampler_name not in sampler_names():
+            raise NodeInputError(node, "sampler_name", f"{sampler_name!r} is not one of {sampler_names()}")
+        if step_noise not in NOISE_KINDS:
+            raise NodeInputError(node, "step_noise", f"{step_noise!r} is not one of {NOISE_KINDS}")
+        return (GlassSampler(sampler_name, {"noise": step_noise}),)
+
+
+def _check_sampler(node: str, sampler) -> GlassSampler:
+    if not isinstance(sampler, GlassSampler):
+        raise NodeInputError(node, "sampler", f"expected a GLASS_SAMPLER (from Sampler Select (Glass)), got "
+                                              f"{type(sampler).__name__}")
+    return sampler
+
+
+class GlassSample:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet": (GLASS_UNET, {"tooltip": "The denoising UNet."}),
+            "add_noise": ("BOOLEAN", {"default": True, "tooltip": "Add the seed's noise at the first sigma "
+                          "(off: the latent already carries its noise)."}),
+            "noise_seed": _seed_input("noise_seed"),
+            "cfg": _cfg_input(),
+            **_cond_inputs(),
+            "sampler": (GLASS_SAMPLER, {"tooltip": "The sampling method."}),
+            "sigmas": (SIGMAS, {"tooltip": "The noise schedule to follow."}),
+            "latent_image": (LATENT, {"tooltip": "The latent to denoise (empty, encoded, or partly denoised)."}),
+        }}
+
+    RETURN_TYPES = (LATENT, LATENT)
+    RETURN_NAMES = ("output", "denoised_output")
+    OUTPUT_TOOLTIPS = ("The latent after the last sigma.", "The model's x0 estimate at the last step.")
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "The full denoise loop over a given schedule, with a chosen sampler (as SamplerCustom)."
+
+    def sample(self, unet, add_noise, noise_seed, cfg, positive, negative, sampler, sigmas, latent_image):
+        node = "GlassSample"
+        unet = check_unet(node, unet)
+        sampler = _check_sampler(node, sampler)
+        sigmas = check_sigmas(node, sigmas)
+        if len(sigmas) < 2:
+            return (latent_image, latent_image)
+        return run_sampler(node, unet, positive, negative, latent_image, seed=noise_seed, cfg=cfg, sampler=sampler,
+                           sigmas=sigmas, steps=len(sigmas) - 1, add_noise=bool(add_noise))
+
+
+class GlassDenoiseSteps:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet": (GLASS_UNET, {"tooltip": "The denoising UNet."}),
+            **_cond_inputs(),
+            "sampler": (GLASS_SAMPLER, {"tooltip": "The sampling method."}),
+            "sigmas": (SIGMAS, {"tooltip": "The whole schedule; this node runs part of it."}),
+            "latent_image": (LATENT, {"tooltip": "The latent at sigmas[start_step] (or clean, with add_noise)."}),
+            "add_noise": ("BOOLEAN", {"default": False, "tooltip": "Add the seed's noise first: on for the first "
+                          "stage, off for later stages (their latent still carries noise)."}),
+            "noise_seed": _seed_input("noise_seed"),
+            "cfg": _cfg_input(),
+            "start_step": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "First step to run (0-based)."}),
+            "end_step": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip":
+                         "Stop before this step: runs steps [start_step, end_step). One step = one denoise step "
+                         "of the UNet (one call per step for euler)."}),
+        }}
+
+    RETURN_TYPES = (LATENT, LATENT)
+    RETURN_NAMES = ("latent", "x0")
+    OUTPUT_TOOLTIPS = ("The latent at sigmas[end_step], with its remaining noise (clean when end_step is the last).",
+                       "The model's x0 estimate at the last step run: decode it to see the stage's preview.")
+    FUNCTION = "denoise"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Runs steps [start_step, end_step) of a schedule and returns the partly denoised latent and its "
+                   "x0 estimate: chain several to watch the image form step by step.")
+
+    def denoise(self, unet, positive, negative, sampler, sigmas, latent_image, add_noise, noise_seed, cfg,
+                start_step, end_step):
+        node = "GlassDenoiseSteps"
+        unet = check_unet(node, unet)
+        sampler = _check_sampler(node, sampler)
+        sigmas = check_sigmas(node, sigmas)
+        n = len(sigmas) - 1
+        if not 0 <= start_step < n:
+            raise NodeInputError(node, "start_step", f"must be in 0..{n - 1} for a {n}-step schedule, got {start_step}")
+        if not start_step < end_step <= n:
+            raise NodeInputError(node, "end_step", f"must be in {start_step + 1}..{n} (after start_step {start_step}, "
+                                                   f"at most the {n} steps of the schedule), got {end_step}")
+        return run_sampler(node, unet, positive, negative, latent_image, seed=noise_seed, cfg=cfg, sampler=sampler,
+                           sigmas=sigmas, steps=n, add_noise=bool(add_noise), start_step=start_step,
+                           last_step=end_step, force_full_denoise=False)
+
+
+class GlassUNetPredict:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "unet": (GLASS_UNET, {"tooltip": "The denoising UNet."}),
+                **_cond_inputs(),
+                "latent": (LATENT, {"tooltip": "A noisy latent at noise level sigma."}),
+                "cfg": _cfg_input(),
+                "sigma": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.001, "round": False,
+                                    "tooltip": "The latent's noise level (used when no sigmas are connected)."}),
+            },
+            "optional": {
+                "sigmas": (SIGMAS, {"tooltip": "A schedule: when connected, sigma = sigmas[step]."}),
+                "step": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "Index into sigmas."}),
+            },
+        }
+
+    RETURN_TYPES = (LATENT, LATENT)
+    RETURN_NAMES = ("noise_pred", "x0")
+    OUTPUT_TOOLTIPS = ("The guided noise prediction eps (unit variance, the sampler's scaled latent space).",
+                       "The x0 estimate (x - sigma * eps, back in the unscaled latent space): decode it to look.")
+    FUNCTION = "predict"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "One guided UNet evaluation: the noise prediction and the clean-image (x0) estimate at a sigma."
+
+    def predict(self, unet, positive, negative, latent, cfg, sigma, sigmas=None, step=0):
+        from ..sd_core.guidance import CFGDenoiser
+        from ..sd_core.sampling import inpaint_concat, prepare_mask
+        node = "GlassUNetPredict"
+        unet = check_unet(node, unet)
+        check_conditioning(node, "positive", positive, unet)
+        check_conditioning(node, "negative", negative, unet)
+        samples = check_latent(node, "latent", latent)
+        if sigmas is not None:
+            sigmas = check_sigmas(node, sigmas)
+            if not 0 <= step < len(sigmas):
+                raise NodeInputError(node, "step", f"must be in 0..{len(sigmas) - 1}, got {step}")
+            sigma = float(sigmas[step])
+        if not sigma > 0:
+            raise NodeInputError(node, "sigma", f"must be > 0 (at sigma 0 the latent is clean), got {sigma}")
+        progress.check_cancel()
+        device = unet.device
+        x = samples.to(device, torch.float32) * unet.scaling_factor
+        guider = CFGDenoiser(unet.model, positive, negative, float(cfg), x.shape, unet.model_sampling)
+        if unet.is_inpaint:
+            mask = latent.get("noise_mask")
+            mask = prepare_mask(mask, x.shape).to(device) if mask is not None else None
+            guider.concat = inpaint_concat(x, mask)
+        s = torch.full((x.shape[0],), sigma, device=device)
+        with torch.no_grad():
+            x0 = guider(x, s)
+        eps = (x - x0) / sigma
+        return ({**latent, "samples": eps.float().cpu()},
+                {**latent, "samples": (x0 / unet.scaling_factor).float().cpu()})
+
+
+class GlassKSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet": (GLASS_UNET, {"tooltip": "The denoising UNet."}),
+            "seed": _seed_input(),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Number of denoising steps."}),
+            "cfg": _cfg_input(),
+            "sampler_name": (sampler_names(), {"default": "euler", "tooltip": "The sampling method."}),
+            "scheduler": (scheduler_names(), {"default": "normal", "tooltip": "How the noise levels are spaced."}),
+            **_cond_inputs(),
+            "latent_image": (LATENT, {"tooltip": "The latent to denoise: empty for text-to-image, encoded for "
+                             "image-to-image, with a noise mask for inpainting."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                        "How much to change the input: 1 = everything (text-to-image), less keeps its structure."}),
+        }}
+
+    RETURN_TYPES = (LATENT,)
+    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "All-in-one sampling (as ComfyUI's KSampler): noise, schedule, sampler and guidance in one node."
+
+    def sample(self, unet, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0):
+        node = "GlassKSampler"
+        unet = check_unet(node, unet)
+        if sampler_name not in sampler_names():
+            raise NodeInputError(node, "sampler_name", f"{sampler_name!r} is not one of {sampler_names()}")
+        if scheduler not in scheduler_names():
+            raise NodeInputError(node, "scheduler", f"{scheduler!r} is not one of {scheduler_names()}")
+        if not isinstance(steps, int) or steps < 1:
+            raise NodeInputError(node, "steps", f"must be an integer >= 1, got {steps!r}")
+        if not 0.0 <= float(denoise) <= 1.0:
+            raise NodeInputError(node, "denoise", f"must be in 0..1, got {denoise!r}")
+        out, _ = run_sampler(node, unet, positive, negative, latent_image, seed=seed, cfg=cfg,
+                             sampler=GlassSampler(sampler_name), steps=steps, scheduler=scheduler,
+                             denoise=float(denoise))
+        return (out,)
+
+
+NODE_CLASS_MAPPINGS = {"GlassScheduler": GlassScheduler, "GlassSamplerSelect": GlassSamplerSelect,
+                       "GlassSample": GlassSample, "GlassDenoiseSteps": GlassDenoiseSteps,
+                       "GlassUNetPredict": GlassUNetPredict, "GlassKSampler": GlassKSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"GlassScheduler": "Scheduler (Glass)", "GlassSamplerSelect": "Sampler Select (Glass)",
+                              "GlassSample": "Sample (Glass)", "GlassDenoiseSteps": "Denoise Steps (Glass)",
+                              "GlassUNetPredict": "UNet Predict (Glass)", "GlassKSampler": "KSampler (Glass)"}
