@@ -211,15 +211,16 @@ def _keys(data) -> str:
     return ", ".join(map(str, list(data)[:8])) if isinstance(data, dict) else type(data).__name__
 
 
-def _lookup_embedding(name: str, embeddings_dir: Dirs, width: int) -> Optional[torch.Tensor]:
+def _lookup_embedding(name: str, embeddings_dir: Dirs, width: int) -> tuple:
+    """(vectors or None, whether a file was found)."""
     path = find_embedding(name, embeddings_dir) if name else None
     if path is None:
-        return None
+        return None, False
     try:
-        return load_embedding(path, width)
+        return load_embedding(path, width), True
     except EmbeddingError as e:
         log.warning("embedding:%s is left out: %s", name, e)
-        return None
+        return None, True
 
 
 def _embedding_piece(text: str, embeddings_dir: Dirs, width: int) -> tuple:
@@ -229,14 +230,15 @@ def _embedding_piece(text: str, embeddings_dir: Dirs, width: int) -> tuple:
         log.warning("'embedding:' with no name is left out")
         return None, ""
     name, leftover = words[0], " ".join(words[1:])
-    vectors = _lookup_embedding(name, embeddings_dir, width)
+    vectors, found = _lookup_embedding(name, embeddings_dir, width)
     if vectors is None:
         stripped = name.strip(",")
         if len(stripped) < len(name):  # "embedding:foo," -> foo, and the comma is text
-            vectors = _lookup_embedding(stripped, embeddings_dir, width)
+            vectors, found_stripped = _lookup_embedding(stripped, embeddings_dir, width)
+            found = found or found_stripped
             # (ComfyUI's rule: the text kept is name[len(stripped):], which is the trailing commas)
             leftover = f"{name[len(stripped):]} {leftover}"
-    if vectors is None:
+    if vectors is None and not found:
         log.warning("embedding:%s not found in %s; left out", name, embeddings_dir)
     return vectors, leftover
 
