@@ -28,7 +28,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import re
 import tempfile
 from dataclasses import dataclass, replace
@@ -92,6 +91,8 @@ def _open_tensors(path: Path):
         raise CheckpointError(path, "file not found")
     if path.is_dir():
         raise CheckpointError(path, "is a directory, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "is empty (0 bytes)")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         with _open_safetensors(path) as opened:
@@ -116,7 +117,9 @@ def _open_safetensors(path: Path):
                 entries[name] = _Entry(tuple(view.get_shape()), dtype, lambda name=name: f.get_tensor(name))
             yield entries, f.metadata() or {}
     except SafetensorError as e:
-        raise CheckpointError(path, f"not a valid safetensors file (truncated or corrupt?): {e}") from None
+        what = "truncated (the header lists more data than the file holds)" if "not fully covered" in str(e) \
+            else "not a safetensors file, or a corrupt one"
+        raise CheckpointError(path, f"{what}: {e}") from None
 
 
 def _open_pickle(path: Path) -> dict:
@@ -137,18 +140,31 @@ def _torch_load(path: Path):
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
-            if "mmap" not in str(e):  # legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):  # the legacy (non-zip) format cannot be memory-mapped
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
-            raise CheckpointError(path, "refused: this pickle needs more than tensors and plain containers to "
-                                        "load (weights_only=True failed; nothing in it was run). Convert it to "
-                                        f".safetensors with a tool you trust. Detail: {_first_line(e)}") from None
-        raise CheckpointError(path, f"not a PyTorch checkpoint ({_first_line(e)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(path, f"truncated or corrupt checkpoint ({type(e).__name__}: "
-                                    f"{_first_line(e)})") from None
+    except Exception as e:  # weights_only: no error here can come from code in the file, none ran
+        raise CheckpointError(path, _pickle_problem(e)) from None
+
+
+def _pickle_problem(e: Exception) -> str:
+    text = str(e)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"refused: this pickle needs {refused.group(1)} to load, more than tensors and plain containers "
+                "(weights_only=True; nothing in it was run). Convert it to .safetensors with a tool you trust")
+    detail = f"{type(e).__name__}: {_unpickler_detail(text) or type(e).__name__}"
+    if isinstance(e, EOFError) or "zip archive" in text:
+        return f"truncated or corrupt checkpoint ({detail})"
+    return f"not a PyTorch checkpoint, or a corrupt one ({detail})"
+
+
+def _unpickler_detail(text: str) -> str:
+    """The informative part of a torch.load error, past its weights_only boilerplate."""
+    text = text.split("WeightsUnpickler error:")[-1]
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    useful = [p for p in paragraphs if not p.startswith(("Weights only load failed", "Check the documentation"))]
+    return useful[0].splitlines()[0] if useful else ""
 
 
 # ---------------------------------------------------------------------------------------------- families
