@@ -77,7 +77,8 @@ def _run(args, registry) -> int:
 
 
 def _validate(args, registry) -> int:
-    errors = validate_workflow(args.workflow, _parse_sets(args.set), registry)
+    with runtime.settings_override(models_dir=args.models):
+        errors = validate_workflow(args.workflow, _parse_sets(args.set), registry)
     if errors:
         _print_errors(errors)
         return INVALID
@@ -114,7 +115,8 @@ def _describe(cls) -> dict:
 
 
 def _nodes(args, registry) -> int:
-    info = {nid: _describe(cls) for nid, cls in sorted(registry.items())}
+    with runtime.settings_override(models_dir=args.models):
+        info = {nid: _describe(cls) for nid, cls in sorted(registry.items())}
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return OK
@@ -137,7 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("workflow")
         sp.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
                         help="override an input (VALUE is JSON when it parses, else a string); repeatable")
-    run.add_argument("--models", metavar="DIR", help="models folder (default ./models)")
     run.add_argument("--output", metavar="DIR", help="output folder (default ./output)")
     run.add_argument("--device", choices=runtime.DEVICES, default=None)
     run.add_argument("--dtype", choices=runtime.DTYPES, default=None)
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("-o", "--output", dest="output_file", metavar="OUT", help="write here instead of stdout")
     nodes = sub.add_parser("nodes", help="list the node types with their inputs")
     nodes.add_argument("--json", action="store_true")
+    for sp in (run, val, nodes):
+        sp.add_argument("--models", metavar="DIR", help="models folder (default ./models); fills the file lists")
     return p
 
 

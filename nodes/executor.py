@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import progress
-from .workflow import (InputSpec, Workflow, apply_overrides, as_workflow, default_registry,
+from .workflow import (InputSpec, Workflow, apply_overrides, apply_overrides_ui, as_workflow, default_registry,
                        input_specs, load_workflow, to_api)
 
 HIDDEN_KINDS = ("PROMPT", "EXTRA_PNGINFO", "UNIQUE_ID")
@@ -308,8 +308,7 @@ class Executor:
         for nid in self._order(api, outputs):
             sig = self._signature(nid, api, signatures)
             hit = self.cache.get(sig)
-            if hit is None:
-                progress.check_cancel()
+            if hit is None:  # (_call checks for cancellation before each call)
                 hit = self.cache[sig] = self._execute(nid, api, result, extra_pnginfo)
                 result.executed.append(nid)
             used[sig] = hit
@@ -423,9 +422,11 @@ def _prepare(workflow, overrides, registry) -> tuple[dict, dict | None]:
     wf = load_workflow(workflow) if isinstance(workflow, (str, Path)) else as_workflow(workflow)
     api, pnginfo = to_api(wf, registry)
     try:
-        apply_overrides(api, overrides)
+        changes = apply_overrides(api, overrides)
     except KeyError as e:
         raise GraphValidationError([GraphError("bad_override", str(e.args[0]))]) from None
+    if changes and pnginfo:  # keep the embedded editor workflow in step with the graph that runs
+        pnginfo = {"workflow": apply_overrides_ui(pnginfo["workflow"], changes, registry)}
     return api, pnginfo
 
 

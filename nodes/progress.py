@@ -53,6 +53,11 @@ def set_preview_hook(hook: Callable | None) -> None:
     _preview_hook = hook
 
 
+def previews_enabled() -> bool:
+    """Whether anyone shows previews (ComfyUI, or a headless hook): skip decoding them otherwise."""
+    return in_comfyui() or _preview_hook is not None
+
+
 class ProgressBar:
     """``update(n)`` / ``update_absolute(value, total=None, preview=None)``; preview: a PIL image."""
 

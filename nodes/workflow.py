@@ -260,8 +260,12 @@ def find_node(api: dict, ref: str) -> str:
     raise KeyError(f"no node {ref!r} (give a node id, a title or a class_type)")
 
 
-def apply_overrides(api: dict, overrides: dict | None) -> dict:
-    """Set widget values: ``{"NODE.INPUT": value}`` or ``{"NODE": {"INPUT": value}}`` (NODE: see find_node)."""
+def apply_overrides(api: dict, overrides: dict | None) -> list[tuple[str, str, Any]]:
+    """Set inputs: ``{"NODE.INPUT": value}`` or ``{"NODE": {"INPUT": value}}`` (NODE: see find_node).
+
+    Returns the ``(node id, input, value)`` changes made; KeyError for an unknown node.
+    """
+    done = []
     for key, value in (overrides or {}).items():
         if isinstance(value, dict) and "." not in str(key):
             pairs = [(str(key), k, v) for k, v in value.items()]
@@ -271,5 +275,25 @@ def apply_overrides(api: dict, overrides: dict | None) -> dict:
                 raise KeyError(f"override {key!r} must look like NODE.INPUT")
             pairs = [(ref, name, value)]
         for ref, name, v in pairs:
-            api[find_node(api, ref)].setdefault("inputs", {})[name] = v
-    return api
+            nid = find_node(api, ref)
+            api[nid].setdefault("inputs", {})[name] = v
+            done.append((nid, name, v))
+    return done
+
+
+def apply_overrides_ui(ui: dict, changes: list, registry: dict) -> dict:
+    """A copy of an editor workflow with the same changes in its widget values (for EXTRA_PNGINFO)."""
+    ui = json.loads(json.dumps(ui))
+    nodes = {str(n["id"]): n for n in ui.get("nodes", [])}
+    for nid, name, value in changes:
+        node, cls = nodes.get(nid), registry.get((nodes.get(nid) or {}).get("type"))
+        values = (node or {}).get("widgets_values")
+        if cls is None or values is None:
+            continue
+        if isinstance(values, dict):
+            values[name] = value
+            continue
+        slots = widget_slots(cls, len(values))
+        if name in slots and slots.index(name) < len(values):
+            values[slots.index(name)] = value
+    return ui

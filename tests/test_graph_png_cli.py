@@ -48,6 +48,10 @@ def test_png_round_trip(tmp_path):
     result = run_workflow(png, registry=REG)
     assert result.ui == {"7": {"values": [10]}}
     assert g.SUNK[0][3] == {"workflow": ui}  # EXTRA_PNGINFO carries the editor workflow on
+    # overrides change the embedded editor workflow too, so a saved PNG reopens as it ran
+    run_workflow(png, overrides={"Seed.seed": 4}, registry=REG)
+    assert g.SUNK[1][0] == 8 and g.SUNK[1][3]["workflow"]["nodes"][0]["widgets_values"] == [4, "fixed", "mul", 2.0, "hi"]
+    assert ui["nodes"][0]["widgets_values"][0] == 5  # the caller's graph is untouched
 
 
 def test_png_with_only_one_chunk(tmp_path):
