@@ -48,8 +48,9 @@ class CLIPEmbeddings(nn.Module):
         T = input_ids.shape[1]
         if inputs_embeds is None:
             inputs_embeds = self.token_embedding(input_ids)  # (B, T) -> (B, T, D)
+        inputs_embeds = inputs_embeds.to(self.position_embedding.weight.dtype)
         positions = self.position_embedding(self.position_ids[:, :T].long())  # (1, T, D)
-        return inputs_embeds + positions.to(inputs_embeds.dtype)  # (B, T, D)
+        return inputs_embeds + positions  # (B, T, D)
 
 
 class CLIPAttention(nn.Module):

@@ -211,7 +211,7 @@ class UNetModel(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x [B, Cin, h, w], timesteps [B] (float, fractional allowed), context [B, T, context_dim] -> eps [B, Cout, h, w]."""
         dtype = self.time_embed[0].weight.dtype
-        t = timesteps.reshape(-1).to(x.device).expand(x.shape[0]) if timesteps.numel() == 1 else timesteps.to(x.device)
+        t = timesteps.to(x.device).reshape(-1).expand(x.shape[0])  # a single timestep is used for the whole batch
         t_emb = timestep_embedding(t, self.config.model_channels).to(dtype)  # (B,) -> (B, mc), computed in float32
         emb = self.time_embed(t_emb)  # (B, mc) -> (B, 4 mc)
         context = context.to(dtype)

@@ -189,10 +189,12 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x: [B, 3, H, W] in -1..1 (H, W multiples of 8) -> posterior over unscaled latents [B, 4, H/8, W/8]."""
+        x = x.to(self.quant_conv.weight.dtype)  # run in the weights' dtype
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: unscaled latents [B, 4, h, w] -> image [B, 3, 8h, 8w], roughly -1..1 (not clamped)."""
+        z = z.to(self.post_quant_conv.weight.dtype)  # run in the weights' dtype
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
