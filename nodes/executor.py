@@ -13,6 +13,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from . import progress
 from .workflow import (InputSpec, Workflow, apply_overrides, apply_overrides_ui, as_workflow, default_registry,
                        input_specs, load_workflow, to_api)
 
-HIDDEN_KINDS = ("PROMPT", "EXTRA_PNGINFO", "UNIQUE_ID")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 # ----------------------------------------------------------------------------- errors and results
@@ -171,15 +172,15 @@ def _validate_node(nid: str, api: dict, registry: dict) -> list[GraphError]:
                 err("return_type_mismatch", f"type mismatch: node {src} ({api[src]['class_type']}) output "
                                             f"{slot} is {got}, the input takes {spec.type_name}")
             continue
-        if not spec.is_widget:
+        if not spec.is_widget and spec.type != "*":
             err("invalid_input_type", f"input of type {spec.type_name} needs a link, got the value {value!r}")
             continue
         try:
-            value = inputs[name] = _coerce(value, spec)
+            value = inputs[name] = _coerce(value, spec) if spec.type != "*" else value
         except ValueError as e:
             err("invalid_input_type", str(e))
             continue
-        if name in params or takes_all:
+        if name in params or takes_all or spec.type == "*":
             continue  # VALIDATE_INPUTS checks this one itself
         lo, hi, combo = spec.options.get("min"), spec.options.get("max"), spec.combo
         if lo is not None and value < lo:
@@ -266,7 +267,8 @@ def validate_api(api: dict, registry: dict) -> tuple[dict, list[GraphError], lis
     api, errors = _normalize(api)
     for nid, node in api.items():
         if node["class_type"] not in registry:
-            errors.append(GraphError("unknown_node_type", f"unknown node type {node['class_type']!r}",
+            hint = " (a subgraph? unpack it in the editor)" if _UUID.fullmatch(node["class_type"]) else ""
+            errors.append(GraphError("unknown_node_type", f"unknown node type {node['class_type']!r}{hint}",
                                      nid, node["class_type"]))
     known = {nid: n for nid, n in api.items() if n["class_type"] in registry}
     outputs = sorted((nid for nid, n in known.items() if getattr(registry[n["class_type"]], "OUTPUT_NODE", False)),

@@ -134,12 +134,15 @@ def load_workflow(path) -> Workflow:
         text = read_png_text(path)
         if "prompt" not in text and "workflow" not in text:
             raise ValueError(f"{path}: PNG has no 'prompt' or 'workflow' text chunk")
-        api = json.loads(text["prompt"]) if "prompt" in text else None
-        ui = json.loads(text["workflow"]) if "workflow" in text else None
+        try:
+            api = json.loads(text["prompt"]) if "prompt" in text else None
+            ui = json.loads(text["workflow"]) if "workflow" in text else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: a PNG text chunk is not valid JSON ({e})") from None
         extra = {k: v for k, v in text.items() if k not in ("prompt", "workflow")}
         return Workflow(api=api, ui=ui, source=str(path), extra=extra)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     return as_workflow(data, str(path))

@@ -156,3 +156,14 @@ def test_every_problem_is_reported_and_nothing_runs():
 def test_nodes_no_output_needs_are_not_validated():
     # as in ComfyUI: a dangling node outside every output's inputs is neither run nor checked
     assert errors_of(g.api(n1=("Const", {"value": 1}), n2=sink(), n3=("Add", {}))) == []
+
+
+def test_any_type_input_takes_a_literal():
+    assert run_workflow(g.api(n1=("Sink", {"value": {"any": "thing"}})), registry=REG).ui == {
+        "1": {"values": [{"any": "thing"}]}}
+
+
+def test_subgraph_node_gets_a_hint():
+    e = only_error(g.api(n1=("Const", {"value": 1}), n2=sink(), n3=("0a1b2c3d-0000-4000-8000-00000000abcd", {})),
+                   "unknown_node_type", "3", "0a1b2c3d-0000-4000-8000-00000000abcd", None)
+    assert "subgraph" in e.message
