@@ -1,0 +1,146 @@
+"""The shipped workflows: UI -> API conversion equals each API twin, the files match their Python description,
+and every workflow runs headless (run_workflow and the CLI) on tiny checkpoints written by the real exporter."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from glass_diffusion.nodes import cli, progress
+from glass_diffusion.nodes.example_workflows import PACK_ID, WORKFLOWS, build
+from glass_diffusion.nodes.executor import NodeExecutionError, run_workflow
+from glass_diffusion.nodes.registry import NODE_CLASS_MAPPINGS
+from glass_diffusion.nodes.workflow import convert_ui_to_api, load_workflow
+
+from _nodes_util import EXPECTED_FILES, TINY_OVERRIDES, WORKFLOWS as WORKFLOWS_DIR, leftovers, saved_pngs, tiny_env
+
+NAMES = sorted(WORKFLOWS)
+
+
+def _load(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_every_workflow_is_shipped_in_both_formats():
+    ui_files = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
+    api_files = sorted(p.stem for p in (WORKFLOWS_DIR / "api").glob("*.json"))
+    assert ui_files == api_files == NAMES
+    assert set(TINY_OVERRIDES) == set(NAMES) == set(EXPECTED_FILES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_converts_to_its_api_twin(name):
+    ui, api = _load(WORKFLOWS_DIR / f"{name}.json"), _load(WORKFLOWS_DIR / "api" / f"{name}.json")
+    assert convert_ui_to_api(ui, NODE_CLASS_MAPPINGS) == api
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_files_match_their_description(name):
+    """Regenerate with `python -m glass_diffusion.nodes.example_workflows` after changing a node's inputs."""
+    g = build(name)
+    assert _load(WORKFLOWS_DIR / f"{name}.json") == json.loads(json.dumps(g.ui()))
+    assert _load(WORKFLOWS_DIR / "api" / f"{name}.json") == json.loads(json.dumps(g.api()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_format_names_the_pack(name):
+    ui = _load(WORKFLOWS_DIR / f"{name}.json")
+    assert ui["version"] == 0.4 and ui["last_node_id"] == max(n["id"] for n in ui["nodes"])
+    assert ui["last_link_id"] == (max(link[0] for link in ui["links"]) if ui["links"] else 0)
+    for node in ui["nodes"]:
+        assert node["type"] in NODE_CLASS_MAPPINGS
+        props = node["properties"]
+        assert props["cnr_id"] == PACK_ID and props["Node name for S&R"] == node["type"]
+    # every link is listed at both of its ends
+    for link_id, src, slot, dst, dst_slot, typ in ui["links"]:
+        nodes = {n["id"]: n for n in ui["nodes"]}
+        assert link_id in nodes[src]["outputs"][slot]["links"] and nodes[src]["outputs"][slot]["type"] == typ
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+
+
+def _check_outputs(name, out, chunks=("prompt", "workflow")):
+    count, size = EXPECTED_FILES[name]
+    files = saved_pngs(out)
+    assert len(files) == count, [p.name for p in files]
+    for p in files:
+        with Image.open(p) as im:
+            assert im.size == (size, size)
+            assert sorted(im.text) == sorted(chunks)
+    assert leftovers(out) == []
+    return files
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_with_run_workflow(name, tmp_path_factory):
+    env = tiny_env(tmp_path_factory)
+    out = env.output(f"api_{name}")
+    with env.settings(out):
+        result = run_workflow(WORKFLOWS_DIR / f"{name}.json", overrides=TINY_OVERRIDES[name])
+    files = _check_outputs(name, out)
+    saved = [img["filename"] for ui in result.ui.values() for img in ui.get("images", [])
+             if img["type"] == "output"]
+    assert sorted(saved) == sorted(p.name for p in files)
+    arrays = [np.asarray(Image.open(p)) for p in files]
+    assert all(a.std() > 0 for a in arrays)  # not blank
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_with_the_cli(name, tmp_path_factory):
+    env = tiny_env(tmp_path_factory)
+    out = env.output(f"cli_{name}")
+    sets = [x for k, v in TINY_OVERRIDES[name].items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    with env.settings(out):
+        rc = cli.main(["run", str(WORKFLOWS_DIR / "api" / f"{name}.json"), "--models", str(env.models),
+                       "--output", str(out), "--device", "cpu", "--dtype", "fp32", *sets])
+    assert rc == 0
+    _check_outputs(name, out, chunks=("prompt",))  # an API file carries no editor workflow
+
+
+def test_same_seed_same_pixels_and_png_reruns_to_the_same_pixels(tmp_path_factory):
+    env = tiny_env(tmp_path_factory)
+    out = env.output("rerun")
+    with env.settings(out):
+        run_workflow(WORKFLOWS_DIR / "text_to_image.json", overrides=TINY_OVERRIDES["text_to_image"])
+        first = saved_pngs(out)
+        assert len(first) == 1
+        wf = load_workflow(first[0])
+        assert wf.api is not None and wf.ui is not None  # both chunks, as ComfyUI writes them
+        empty = [n for n in wf.api.values() if n["class_type"] == "GlassEmptyLatent"]
+        assert empty[0]["inputs"]["width"] == 64  # the prompt chunk holds the graph as it ran
+        run_workflow(first[0])  # re-run the PNG itself
+    files = saved_pngs(out)
+    assert [p.name for p in files] == ["txt2img_00001_.png", "txt2img_00002_.png"]  # numbered, not overwritten
+    a, b = (np.asarray(Image.open(p)) for p in files)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_different_seeds_and_weightings_differ(tmp_path_factory):
+    env = tiny_env(tmp_path_factory)
+    out = env.output("differ")
+    with env.settings(out):
+        run_workflow(WORKFLOWS_DIR / "batch_of_seeds.json", overrides=TINY_OVERRIDES["batch_of_seeds"])
+    arrays = [np.asarray(Image.open(p)).astype(int) for p in saved_pngs(out)]
+    assert len(arrays) == 4
+    assert all(np.abs(arrays[0] - a).max() > 0 for a in arrays[1:])  # each latent of the batch got its own noise
+
+
+def test_interrupted_run_leaves_no_file(tmp_path_factory, monkeypatch):
+    env = tiny_env(tmp_path_factory)
+    out = env.output("interrupted")
+    calls = []
+    real = progress.ProgressBar.update_absolute
+
+    def cancel_on_second_step(self, value, total=None, preview=None):
+        calls.append(value)
+        if len(calls) == 2:
+            progress.request_cancel()
+        return real(self, value, total, preview)
+
+    monkeypatch.setattr(progress.ProgressBar, "update_absolute", cancel_on_second_step)
+    try:
+        with env.settings(out), pytest.raises((progress.Interrupted, NodeExecutionError)):
+            run_workflow(WORKFLOWS_DIR / "prompt_weighting.json", overrides=TINY_OVERRIDES["prompt_weighting"])
+    finally:
+        progress.clear_cancel()
+    assert calls, "the sampler never reported progress"
+    assert saved_pngs(out) == [] and leftovers(out) == []
