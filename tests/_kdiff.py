@@ -11,12 +11,13 @@ import types
 import pytest
 
 
-def _stub(name):
+def _stub(name, added):
     if name in sys.modules:
         return
     try:
         importlib.import_module(name)
     except Exception:
+        added.append(name)
         mod = types.ModuleType(name)
         mod.__path__ = []  # allow submodules
         sys.modules[name] = mod
@@ -32,8 +33,9 @@ def load():
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("k-diffusion is not installed (test extra)")
+    added = []
     for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchdiffeq"):
-        _stub(name)
+        _stub(name, added)
     if not hasattr(sys.modules["torchdiffeq"], "odeint"):
         sys.modules["torchdiffeq"].odeint = None
     root = spec.submodule_search_locations[0]
@@ -46,4 +48,6 @@ def load():
         sys.modules[f"k_diffusion.{sub}"] = m
         s.loader.exec_module(m)
         setattr(pkg, sub, m)
+    for name in added:  # drop the stubs again: other libraries probe for torchvision with find_spec
+        sys.modules.pop(name, None)
     return sys.modules["k_diffusion.sampling"]
