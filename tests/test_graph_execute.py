@@ -1,5 +1,8 @@
 """Execution: only what outputs need, caching between runs, IS_CHANGED, NOT_IDEMPOTENT, errors,
 cancellation between nodes and steps, list semantics."""
+import sys
+import types
+
 import pytest
 
 import _graph_util as g
@@ -136,3 +139,35 @@ def test_output_and_input_lists():
     assert result.outputs["3"] == ([10, 11, 12],) and g.CALLS["Add"] == 3
     assert result.output("4") == 33
     assert result.ui == {"5": {"values": [33]}, "6": {"values": [10, 11, 12]}}
+
+
+def test_progress_inside_comfyui_uses_its_bar_and_interrupt(monkeypatch):
+    calls = []
+
+    class FakeBar:
+        def __init__(self, total):
+            calls.append(("bar", total))
+
+        def update_absolute(self, value, total, preview):
+            calls.append(("update", value, total, preview))
+
+    class Stop(Exception):
+        pass
+
+    def throw():
+        if calls and calls[-1] == "cancel":
+            raise Stop
+    comfy = types.ModuleType("comfy")
+    mm = types.SimpleNamespace(throw_exception_if_processing_interrupted=throw)
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.utils", types.SimpleNamespace(ProgressBar=FakeBar))
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    comfy.utils, comfy.model_management = sys.modules["comfy.utils"], mm
+    assert progress.in_comfyui() and progress.previews_enabled()
+    bar = progress.ProgressBar(4)
+    bar.update_absolute(1, 4, preview="img")
+    bar.update(2)
+    assert calls == [("bar", 4), ("update", 1, 4, ("JPEG", "img", 512)), ("update", 3, 4, None)]
+    calls.append("cancel")  # ComfyUI's Cancel button
+    with pytest.raises(Stop):
+        bar.update(1)

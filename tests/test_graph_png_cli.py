@@ -1,6 +1,7 @@
 """PNG metadata round trip (tEXt ``prompt`` / ``workflow``) and the CLI's exit codes."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,20 @@ def test_cli_failed_run_is_exit_1(tmp_path, capsys):
                                    n3=("Sink", {"value": ["2", 0]}))))
     assert cli.main(["run", str(wf)], REG) == 1
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_cli_first_ctrl_c_cancels_at_the_next_step(tmp_path, capsys):
+    class CtrlC(g.Negate):
+        def run(self, x):
+            os.kill(os.getpid(), signal.SIGINT)  # what a terminal's Ctrl-C sends
+            return (x,)
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(g.api(n1=("Const", {"value": 1}), n2=("CtrlC", {"x": ["1", 0]}),
+                                   n3=("Negate", {"x": ["2", 0]}), n4=("Sink", {"value": ["3", 0]}))))
+    before = signal.getsignal(signal.SIGINT)
+    assert cli.main(["run", str(wf)], {**REG, "CtrlC": CtrlC}) == 1
+    assert "cancelling at the next step" in capsys.readouterr().err
+    assert g.CALLS["Negate"] == 0 and signal.getsignal(signal.SIGINT) is before
 
 
 def test_cli_passes_runtime_settings(tmp_path):
