@@ -224,6 +224,7 @@ class CFGDenoiser:
                     counts[li][:, :, ay:ay + ah, ax:ax + aw] += mult
         return [o / n for o, n in zip(outs, counts)]
 
+    @torch.no_grad()
     def __call__(self, x, sigma):
         skip_uncond = math.isclose(self.cfg, 1.0)
         cond, uncond = self.calc_cond_batch([self.positive, None if skip_uncond else self.negative], x, sigma)

@@ -10,6 +10,8 @@
     kind "cpu" builds the tree on the CPU (ComfyUI's dpmpp_sde / dpmpp_2m_sde / dpmpp_3m_sde), "device" on x's
     device (ComfyUI's *_gpu variants).
 """
+import warnings
+
 import numpy as np
 import torch
 
@@ -80,7 +82,10 @@ class BrownianTreeNoise:
             a, b, sign = b, a, -1.0
         if self.cpu:
             a, b = a.detach().cpu().float(), b.detach().cpu().float()
-        w = self.tree(a, b).to(device=self.device, dtype=self.dtype) * sign
+        with warnings.catch_warnings():  # torchsde warns when a float32 query rounds a hair past the end point
+            warnings.filterwarnings("ignore", message="Should have")
+            w = self.tree(a, b)
+        w = w.to(device=self.device, dtype=self.dtype) * sign
         return w / (b - a).abs().sqrt().to(device=self.device, dtype=self.dtype)
 
 

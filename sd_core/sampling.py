@@ -212,8 +212,9 @@ def _run(model, tokenizer, prompt, negative, latent, clip_skip, **kw):
 def txt2img(model, tokenizer, prompt, negative="", *, width=512, height=512, batch_size=1, seed=0, steps=20,
             cfg=8.0, sampler_name="euler", scheduler="normal", clip_skip=-1, **kw):
     """Text to IMAGE [B, H, W, 3] (0..1) with a StableDiffusion model."""
-    lat_ch = model.config.vae.latent_channels
-    latent = {"samples": torch.zeros(batch_size, lat_ch, height // 8, width // 8)}
+    vcfg = model.config.vae
+    f = 2 ** (len(vcfg.channel_mult) - 1)  # 8 for SD 1.x
+    latent = {"samples": torch.zeros(batch_size, vcfg.latent_channels, height // f, width // f)}
     return _run(model, tokenizer, prompt, negative, latent, clip_skip, seed=seed, steps=steps, cfg=cfg,
                 sampler_name=sampler_name, scheduler=scheduler, **kw)
 
