@@ -1,0 +1,381 @@
+"""What each node does, called directly on tiny exported checkpoints (64 px, 1-3 steps)."""
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from glass_diffusion.nodes import image as image_nodes
+from glass_diffusion.nodes import progress
+from glass_diffusion.nodes.example_workflows import CHECKPOINT, INPAINT_CHECKPOINT, INPUT_IMAGE
+from glass_diffusion.nodes.registry import NODE_CLASS_MAPPINGS as N
+from glass_diffusion.nodes.types import GlassCLIP, GlassSampler, GlassUNet, GlassVAE, NodeInputError
+
+from _nodes_util import VAE_FILE, leftovers, rgba_image, saved_pngs, tiny_env
+
+
+def call(node_id, **inputs):
+    cls = N[node_id]
+    return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return tiny_env(tmp_path_factory)
+
+
+@pytest.fixture
+def out(env, tmp_path):
+    with env.settings(tmp_path):
+        yield tmp_path
+
+
+@pytest.fixture(scope="module")
+def models(env, tmp_path_factory):
+    with env.settings(tmp_path_factory.mktemp("unused")):
+        unet, clip, vae = call("GlassCheckpointLoader", ckpt_name=CHECKPOINT, weight_dtype="auto")
+        pos = call("GlassTextEncode", clip=clip, text="a red (house:1.2)", weighting="comfy")[0]
+        neg = call("GlassTextEncode", clip=clip, text="", weighting="comfy")[0]
+    return types.SimpleNamespace(unet=unet, clip=clip, vae=vae, pos=pos, neg=neg)
+
+
+def latent(batch=1, size=64):
+    return call("GlassEmptyLatent", width=size, height=size, batch_size=batch)[0]
+
+
+# ------------------------------------------------------------------------------------------ loaders / text
+
+def test_checkpoint_loader_gives_our_types(models, out):
+    assert isinstance(models.unet, GlassUNet) and not models.unet.is_inpaint
+    assert isinstance(models.clip, GlassCLIP) and isinstance(models.vae, GlassVAE)
+    assert models.unet.dtype == torch.float32  # auto on the CPU
+    assert models.clip.tokenizer.vocab_size == models.clip.model.config.vocab_size
+    assert CHECKPOINT in N["GlassCheckpointLoader"].INPUT_TYPES()["required"]["ckpt_name"][0]
+    unet9 = call("GlassCheckpointLoader", ckpt_name=INPAINT_CHECKPOINT, weight_dtype="fp32")[0]
+    assert unet9.is_inpaint
+
+
+def test_loaders_name_node_and_input_on_errors(out):
+    with pytest.raises(NodeInputError, match="GlassCheckpointLoader: input 'ckpt_name'.*missing.safetensors"):
+        call("GlassCheckpointLoader", ckpt_name="missing.safetensors", weight_dtype="auto")
+    with pytest.raises(NodeInputError, match="GlassVAELoader: input 'weight_dtype'"):
+        call("GlassVAELoader", vae_name=VAE_FILE, weight_dtype="fp8")
+
+
+def test_vae_loader_and_bf16(out, env):
+    vae = call("GlassVAELoader", vae_name=VAE_FILE, weight_dtype="bf16")[0]
+    assert isinstance(vae, GlassVAE) and vae.dtype == torch.bfloat16
+    img = call("GlassVAEDecode", samples=latent(), vae=vae)[0]
+    assert img.dtype == torch.float32 and img.shape == (1, 64, 64, 3)
+
+
+def test_vocabulary_that_does_not_fit_is_refused(env, tmp_path):
+    import shutil
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    shutil.copy(env.models / "checkpoints" / CHECKPOINT, models / "checkpoints" / "other.safetensors")
+    from _nodes_util import write_vocabulary
+    write_vocabulary(models / "checkpoints" / "other.tokenizer", 1100)  # the model has 1000 tokens
+    with env.settings(tmp_path):
+        from glass_diffusion.nodes import runtime
+        with runtime.settings_override(models_dir=models):
+            with pytest.raises(NodeInputError, match="does not fit the text model"):
+                call("GlassCheckpointLoader", ckpt_name="other.safetensors", weight_dtype="auto")
+
+
+def test_text_encode_weighting_and_clip_skip(models):
+    cond = models.pos
+    assert isinstance(cond, list) and len(cond) == 1
+    z, extra = cond[0]
+    assert z.shape == (1, 77, models.clip.model.config.width) and "pooled_output" in extra
+    a1111 = call("GlassTextEncode", clip=models.clip, text="a red (house:1.2)", weighting="a1111")[0]
+    assert not torch.allclose(a1111[0][0], z)
+    skipped = call("GlassClipSkip", clip=models.clip, stop_at_clip_layer=-2)[0]
+    assert skipped.clip_skip == -2 and models.clip.clip_skip == -1  # the input is not changed
+    assert skipped.model is models.clip.model  # weights shared
+    z2 = call("GlassTextEncode", clip=skipped, text="a red (house:1.2)", weighting="comfy")[0][0][0]
+    assert not torch.allclose(z2, z)
+    with pytest.raises(NodeInputError, match="GlassClipSkip: input 'stop_at_clip_layer'"):
+        call("GlassClipSkip", clip=models.clip, stop_at_clip_layer=-3)  # the tiny encoder has 2 layers
+    with pytest.raises(NodeInputError, match="GlassTextEncode: input 'clip'"):
+        call("GlassTextEncode", clip=models.vae, text="x", weighting="comfy")
+
+
+# ------------------------------------------------------------------------------------------ latent
+
+def test_latent_nodes():
+    lat = latent(batch=3)
+    assert lat["samples"].shape == (3, 4, 8, 8) and not lat["samples"].any()
+    up = call("GlassLatentUpscale", samples=lat, upscale_method="bilinear", width=128, height=0, crop="disabled")[0]
+    assert up["samples"].shape == (3, 4, 16, 16)
+    wide = {"samples": torch.randn(1, 4, 8, 16)}
+    c = call("GlassLatentUpscale", samples=wide, upscale_method="nearest-exact", width=64, height=64, crop="center")[0]
+    torch.testing.assert_close(c["samples"], wide["samples"][..., 4:12])  # centre cut, same size
+    mask = torch.zeros(64, 64)
+    mask[8:24] = 1
+    masked = call("GlassSetNoiseMask", samples=lat, mask=mask)[0]
+    assert masked["noise_mask"].shape == (1, 1, 64, 64) and "noise_mask" not in lat
+    lat["samples"] = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 4, 8, 8).clone()
+    picked = call("GlassLatentFromBatch", samples=lat, batch_index=1, length=5)[0]
+    assert picked["batch_index"] == [1, 2] and picked["samples"][:, 0, 0, 0].tolist() == [1.0, 2.0]
+    again = call("GlassLatentFromBatch", samples=picked, batch_index=1, length=1)[0]
+    assert again["batch_index"] == [2]
+    with pytest.raises(NodeInputError, match="GlassLatentUpscale: input 'samples'"):
+        call("GlassLatentUpscale", samples=torch.zeros(1), upscale_method="bilinear", width=64, height=64,
+             crop="disabled")
+
+
+# ------------------------------------------------------------------------------------------ VAE
+
+def test_vae_encode_decode_and_tiles(models):
+    pixels = torch.rand(2, 68, 60, 3)  # not multiples of 8: centre-cropped
+    lat = call("GlassVAEEncode", pixels=pixels, vae=models.vae)[0]
+    assert lat["samples"].shape == (2, 4, 8, 7)
+    img = call("GlassVAEDecode", samples=lat, vae=models.vae)[0]
+    assert img.shape == (2, 64, 56, 3) and 0 <= img.min() and img.max() <= 1
+    # one tile covering everything is the plain decode / encode
+    whole = call("GlassVAEDecodeTiled", samples=lat, vae=models.vae, tile_size=512, overlap=64)[0]
+    torch.testing.assert_close(whole, img)
+    enc_whole = call("GlassVAEEncodeTiled", pixels=pixels, vae=models.vae, tile_size=512, overlap=64)[0]
+    torch.testing.assert_close(enc_whole["samples"], lat["samples"])
+    # real tiles: right shape, close to the plain result away from any seam treatment
+    big = {"samples": torch.randn(1, 4, 16, 16)}
+    tiled = call("GlassVAEDecodeTiled", samples=big, vae=models.vae, tile_size=64, overlap=32)[0]
+    plain = call("GlassVAEDecode", samples=big, vae=models.vae)[0]
+    assert tiled.shape == plain.shape == (1, 128, 128, 3)
+    assert (tiled - plain).abs().mean() < 0.1
+    enc_tiled = call("GlassVAEEncodeTiled", pixels=torch.rand(1, 128, 128, 3), vae=models.vae, tile_size=64,
+                     overlap=32)[0]
+    assert enc_tiled["samples"].shape == (1, 4, 16, 16)
+
+
+def test_vae_encode_for_inpaint_greys_the_mask_and_grows_it(models, monkeypatch):
+    pixels = torch.rand(1, 64, 64, 3)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 24:40, 24:40] = 1
+    seen = {}
+    real = models.vae.model.encode
+
+    def spy(x):
+        seen["x"] = x.clone()
+        return real(x)
+
+    monkeypatch.setattr(models.vae.model, "encode", spy)
+    out = call("GlassVAEEncodeForInpaint", pixels=pixels, vae=models.vae, mask=mask, grow_mask_by=6)[0]
+    x = seen["x"]  # -1..1: grey (0.5) is 0
+    assert x[:, :, 24:40, 24:40].abs().max() == 0 and x[:, :, :24].abs().max() > 0
+    m = out["noise_mask"]
+    assert m.shape == (1, 1, 64, 64) and set(m.unique().tolist()) == {0.0, 1.0}
+    assert m.sum() > mask.sum() and m[0, 0, 24:40, 24:40].all()
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+def test_scheduler_and_sampler_select(models):
+    sigmas = call("GlassScheduler", unet=models.unet, scheduler="karras", steps=4, denoise=1.0)[0]
+    assert sigmas.shape == (5,) and sigmas[-1] == 0 and (sigmas[:-1] > sigmas[1:]).all()
+    half = call("GlassScheduler", unet=models.unet, scheduler="normal", steps=4, denoise=0.5)[0]
+    full8 = call("GlassScheduler", unet=models.unet, scheduler="normal", steps=8, denoise=1.0)[0]
+    torch.testing.assert_close(half, full8[-5:])  # ComfyUI's denoise semantics
+    s = call("GlassSamplerSelect", sampler_name="dpmpp_2m", step_noise="cpu")[0]
+    assert isinstance(s, GlassSampler) and s.name == "dpmpp_2m"
+    with pytest.raises(NodeInputError, match="GlassSamplerSelect: input 'sampler_name'"):
+        call("GlassSamplerSelect", sampler_name="nope", step_noise="cpu")
+
+
+def test_denoise_steps_split_equals_the_whole_loop(models):
+    sigmas = call("GlassScheduler", unet=models.unet, scheduler="karras", steps=3, denoise=1.0)[0]
+    euler = call("GlassSamplerSelect", sampler_name="euler", step_noise="cpu")[0]
+    common = dict(unet=models.unet, positive=models.pos, negative=models.neg, sampler=euler, sigmas=sigmas,
+                  noise_seed=7, cfg=5.0)
+    whole, whole_x0 = call("GlassSample", add_noise=True, latent_image=latent(), **common)
+    a, a_x0 = call("GlassDenoiseSteps", latent_image=latent(), add_noise=True, start_step=0, end_step=1, **common)
+    b, b_x0 = call("GlassDenoiseSteps", latent_image=a, add_noise=False, start_step=1, end_step=3, **common)
+    torch.testing.assert_close(b["samples"], whole["samples"])
+    torch.testing.assert_close(b_x0["samples"], whole_x0["samples"])
+    assert not torch.allclose(a["samples"], b["samples"])
+    assert not torch.allclose(a_x0["samples"], a["samples"])  # x0 is the estimate, not the noisy latent
+    with pytest.raises(NodeInputError, match="GlassDenoiseSteps: input 'end_step'"):
+        call("GlassDenoiseSteps", latent_image=a, add_noise=False, start_step=1, end_step=4, **common)
+    with pytest.raises(NodeInputError, match="GlassDenoiseSteps: input 'start_step'"):
+        call("GlassDenoiseSteps", latent_image=a, add_noise=False, start_step=3, end_step=3, **common)
+
+
+def test_unet_predict_is_one_denoise_step(models):
+    """Euler from sigma s straight to 0 lands on the x0 estimate at s; eps and x0 satisfy x0 = x - s * eps."""
+    x = {"samples": torch.randn(1, 4, 8, 8) * 3}
+    s = 2.5
+    eps, x0 = call("GlassUNetPredict", unet=models.unet, positive=models.pos, negative=models.neg, latent=x,
+                   cfg=4.0, sigma=s)
+    euler = call("GlassSamplerSelect", sampler_name="euler", step_noise="cpu")[0]
+    step = call("GlassSample", unet=models.unet, add_noise=False, noise_seed=0, cfg=4.0, positive=models.pos,
+                negative=models.neg, sampler=euler, sigmas=torch.tensor([s, 0.0]), latent_image=x)[0]
+    torch.testing.assert_close(x0["samples"], step["samples"], atol=1e-5, rtol=1e-5)
+    sf = models.unet.scaling_factor
+    torch.testing.assert_close(x0["samples"] * sf, x["samples"] * sf - s * eps["samples"], atol=1e-5, rtol=1e-5)
+    sigmas = torch.tensor([5.0, s, 0.0])
+    eps2, _ = call("GlassUNetPredict", unet=models.unet, positive=models.pos, negative=models.neg, latent=x,
+                   cfg=4.0, sigma=99.0, sigmas=sigmas, step=1)  # sigma taken from the schedule
+    torch.testing.assert_close(eps2["samples"], eps["samples"])
+    with pytest.raises(NodeInputError, match="GlassUNetPredict: input 'sigma'"):
+        call("GlassUNetPredict", unet=models.unet, positive=models.pos, negative=models.neg, latent=x, cfg=4.0,
+             sigma=0.0)
+
+
+def test_ksampler_is_deterministic_and_honours_denoise_and_masks(models):
+    ks = dict(unet=models.unet, steps=2, cfg=6.0, sampler_name="euler_ancestral", scheduler="normal",
+              positive=models.pos, negative=models.neg)
+    a = call("GlassKSampler", seed=3, latent_image=latent(), **ks)[0]
+    b = call("GlassKSampler", seed=3, latent_image=latent(), **ks)[0]
+    c = call("GlassKSampler", seed=4, latent_image=latent(), **ks)[0]
+    torch.testing.assert_close(a["samples"], b["samples"])
+    assert not torch.allclose(a["samples"], c["samples"])
+    same = call("GlassKSampler", seed=3, latent_image=a, denoise=0.0, **ks)[0]
+    torch.testing.assert_close(same["samples"], a["samples"])
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, 32:] = 1
+    src = {"samples": torch.randn(1, 4, 8, 8)}
+    masked = call("GlassSetNoiseMask", samples=src, mask=mask)[0]
+    out = call("GlassKSampler", seed=3, latent_image=masked, **ks)[0]
+    torch.testing.assert_close(out["samples"][..., :4], src["samples"][..., :4])  # kept where mask = 0
+    assert not torch.allclose(out["samples"][..., 4:], src["samples"][..., 4:])
+    assert "noise_mask" in out
+
+
+def test_sampling_errors_name_node_and_input(models):
+    ks = dict(unet=models.unet, seed=0, steps=1, cfg=1.0, sampler_name="euler", scheduler="normal",
+              latent_image=latent())
+    with pytest.raises(NodeInputError, match="GlassKSampler: input 'positive'"):
+        call("GlassKSampler", positive=[[torch.zeros(1, 77, 768), {}]], negative=models.neg, **ks)
+    with pytest.raises(NodeInputError, match="GlassKSampler: input 'unet'"):
+        call("GlassKSampler", **{**ks, "unet": models.vae}, positive=models.pos, negative=models.neg)
+    with pytest.raises(NodeInputError, match="GlassKSampler: input 'scheduler'"):
+        call("GlassKSampler", **{**ks, "scheduler": "nope"}, positive=models.pos, negative=models.neg)
+
+
+class _ComfyStubs:
+    """comfy.utils.ProgressBar and comfy.model_management as ComfyUI provides them, recording calls."""
+
+    def __init__(self, cancel_after=None):
+        self.updates, self.cancel_after, self.checks = [], cancel_after, 0
+        comfy = types.ModuleType("comfy")
+        utils = types.ModuleType("comfy.utils")
+        mm = types.ModuleType("comfy.model_management")
+        stubs = self
+
+        class ProgressBar:
+            def __init__(self, total):
+                self.total = total
+
+            def update_absolute(self, value, total=None, preview=None):
+                stubs.updates.append((value, total, preview))
+
+        def throw_exception_if_processing_interrupted():
+            stubs.checks += 1
+            if stubs.cancel_after is not None and len(stubs.updates) >= stubs.cancel_after:
+                raise InterruptedError("cancelled in ComfyUI")
+
+        utils.ProgressBar = ProgressBar
+        mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+        comfy.utils, comfy.model_management = utils, mm
+        self.modules = {"comfy": comfy, "comfy.utils": utils, "comfy.model_management": mm}
+
+
+def test_inside_comfyui_progress_previews_and_cancel(models, monkeypatch):
+    stubs = _ComfyStubs()
+    for name, mod in stubs.modules.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    ks = dict(unet=models.unet, seed=0, steps=3, cfg=2.0, sampler_name="euler", scheduler="normal",
+              positive=models.pos, negative=models.neg, latent_image=latent())
+    call("GlassKSampler", **ks)
+    assert [u[0] for u in stubs.updates] == [1, 2, 3] and all(u[1] == 3 for u in stubs.updates)
+    kind, preview, size = stubs.updates[0][2]
+    assert kind == "JPEG" and isinstance(preview, Image.Image) and preview.size == (8, 8)
+    stubs.updates.clear()
+    stubs.cancel_after = 1
+    with pytest.raises(InterruptedError):
+        call("GlassKSampler", **ks)
+    assert len(stubs.updates) == 1
+
+
+# ------------------------------------------------------------------------------------------ images
+
+def test_load_image_mask_is_one_minus_alpha(env, out):
+    image, mask = call("GlassLoadImage", image=INPUT_IMAGE)
+    ref = np.asarray(rgba_image(), dtype=np.float32) / 255
+    assert image.shape == (1, 64, 64, 3) and mask.shape == (1, 64, 64)
+    np.testing.assert_allclose(image[0].numpy(), ref[..., :3])
+    np.testing.assert_allclose(mask[0].numpy(), 1 - ref[..., 3])
+    assert N["GlassLoadImage"].VALIDATE_INPUTS(image=INPUT_IMAGE) is True
+    assert "GlassLoadImage" in N["GlassLoadImage"].VALIDATE_INPUTS(image="nope.png")
+    assert INPUT_IMAGE in N["GlassLoadImage"].INPUT_TYPES()["required"]["image"][0]
+    h1 = N["GlassLoadImage"].IS_CHANGED(image=INPUT_IMAGE)
+    Image.new("RGB", (8, 8)).save(env.input / "other.png")
+    assert N["GlassLoadImage"].IS_CHANGED(image="other.png") != h1
+    rgb_image, rgb_mask = call("GlassLoadImage", image="other.png")
+    assert rgb_mask.shape == (1, 64, 64) and not rgb_mask.any()  # no alpha: ComfyUI's 64x64 zeros
+
+
+def test_save_image_metadata_numbering_and_subfolders(out):
+    images = torch.rand(2, 16, 24, 3)
+    prompt = {"1": {"class_type": "X", "inputs": {}}}
+    extra = {"workflow": {"nodes": [], "links": []}, "other": [1, 2]}
+    r = call("GlassSaveImage", images=images, filename_prefix="pics/run", prompt=prompt, extra_pnginfo=extra)
+    assert r["ui"]["images"] == [{"filename": "run_00001_.png", "subfolder": "pics", "type": "output"},
+                                 {"filename": "run_00002_.png", "subfolder": "pics", "type": "output"}]
+    with Image.open(out / "pics" / "run_00001_.png") as im:
+        assert list(im.text) == ["prompt", "workflow", "other"]  # prompt first, then extra_pnginfo in order
+        assert im.text["prompt"] == json.dumps(prompt) and json.loads(im.text["other"]) == [1, 2]
+        np.testing.assert_array_equal(np.asarray(im), (255 * images[0].numpy()).clip(0, 255).astype(np.uint8))
+    call("GlassSaveImage", images=images[:1], filename_prefix="pics/run")
+    assert sorted(p.name for p in (out / "pics").iterdir()) == [
+        "run_00001_.png", "run_00002_.png", "run_00003_.png"]
+    # someone else's higher number is respected; other prefixes are not counted
+    (out / "pics" / "run_00010_.png").write_bytes(b"not ours")
+    (out / "pics" / "runner_00050_.png").write_bytes(b"not ours")
+    r = call("GlassSaveImage", images=images[:1], filename_prefix="pics/run")
+    assert r["ui"]["images"][0]["filename"] == "run_00011_.png"
+    assert (out / "pics" / "run_00010_.png").read_bytes() == b"not ours"
+    with pytest.raises(NodeInputError, match="GlassSaveImage: input 'filename_prefix'"):
+        call("GlassSaveImage", images=images, filename_prefix="../escape")
+    r = call("GlassSaveImage", images=images[:1], filename_prefix="size_%width%x%height%")
+    assert r["ui"]["images"][0]["filename"] == "size_24x16_00001_.png"
+    assert leftovers(out) == []
+
+
+def test_save_never_replaces_a_file_taken_meanwhile(out, monkeypatch):
+    """Another process takes the number between our scan and our write: we move on, never overwrite."""
+    (out / "race_00001_.png").write_bytes(b"theirs")
+    monkeypatch.setattr(image_nodes, "next_counter", lambda folder, name: 1)
+    r = call("GlassSaveImage", images=torch.rand(1, 8, 8, 3), filename_prefix="race")
+    assert r["ui"]["images"][0]["filename"] == "race_00002_.png"
+    assert (out / "race_00001_.png").read_bytes() == b"theirs"
+    assert leftovers(out) == []
+
+
+def test_failing_save_leaves_nothing(out, monkeypatch):
+    real = image_nodes.image_to_pil
+    calls = []
+
+    def fail_on_second(image):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        return real(image)
+
+    monkeypatch.setattr(image_nodes, "image_to_pil", fail_on_second)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        call("GlassSaveImage", images=torch.rand(3, 8, 8, 3), filename_prefix="fail")
+    assert [p for p in out.rglob("*") if p.is_file()] == []
+
+
+def test_preview_goes_to_the_temp_folder(out, env, tmp_path, monkeypatch):
+    monkeypatch.setenv("GLASS_DIFFUSION_TEMP", str(tmp_path / "temp"))
+    r = call("GlassPreviewImage", images=torch.rand(1, 8, 8, 3))
+    item = r["ui"]["images"][0]
+    assert item["type"] == "temp" and (tmp_path / "temp" / item["filename"]).is_file()
+    assert [p for p in saved_pngs(out) if "temp" not in p.relative_to(out).parts] == []  # nothing in output
