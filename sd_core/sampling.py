@@ -87,7 +87,8 @@ def sample(unet, positive, negative, latent, *, seed, steps, cfg, sampler_name, 
 
     unet: UNetModel (or any module with forward(x, timesteps, context) and .config.context_dim / in_channels).
     latent: {"samples": [B, 4, h, w] unscaled, "noise_mask"?: [B|1, H, W], "batch_index"?: list[int]}.
-    noise_kind: "cpu" (same image on any device) or "device" (ComfyUI's GPU behaviour) for step noise.
+    noise_kind: step noise of ancestral / SDE samplers: "cpu" (default; the same image on any device, and
+        exactly ComfyUI's result on a CPU) or "device" (ComfyUI's behaviour on a GPU).
     noise_source: optional explicit step-noise callable (overrides noise_kind; share it to split a run).
     callback(step, x, denoised): per step; raise from it to cancel.
     sigmas: explicit SIGMAS (SamplerCustom); then steps/scheduler/denoise only get validated.
@@ -161,10 +162,12 @@ def sample(unet, positive, negative, latent, *, seed, steps, cfg, sampler_name, 
 
     x = ms.noise_scaling(sigmas[0], noise, x_latent, ms.is_max_denoise(sigmas))
     if noise_source is None and S.needs_noise(sampler_name):
+        # "cpu": every generator and Brownian tree on the CPU. "device": ComfyUI's choice, i.e. generators on
+        # the device, trees on the CPU for dpmpp_sde / dpmpp_2m_sde / dpmpp_3m_sde and on the device for *_gpu.
         cpu_tree = S.BROWNIAN_SAMPLERS.get(sampler_name)
-        kind = noise_kind if cpu_tree is None or noise_kind == "device" else "cpu"
-        if cpu_tree is False:  # the *_gpu names: the tree lives on the device, as in ComfyUI
-            kind = "device"
+        kind = noise_kind
+        if cpu_tree is not None and noise_kind == "device":
+            kind = "cpu" if cpu_tree else "device"
         noise_source = make_noise_source(kind, x, seed, sigmas, brownian=cpu_tree is not None)
     out = S.get_sampler(sampler_name)(denoiser, x, sigmas, noise_source, callback, **(sampler_options or {}))
     return {**latent, "samples": (out / scaling_factor).float().cpu()}
