@@ -111,7 +111,7 @@ def as_workflow(data: Any, source: str = "<dict>") -> Workflow:
         raise ValueError(f"{source}: a workflow must be a JSON object, got {type(data).__name__}")
     if is_ui_format(data):
         return Workflow(ui=data, source=source)
-    if isinstance(data.get("prompt"), dict):  # a POST /prompt body
+    if isinstance(data.get("prompt"), dict) and "class_type" not in data["prompt"]:  # a POST /prompt body
         ui = (data.get("extra_data") or {}).get("extra_pnginfo", {}).get("workflow")
         return Workflow(api=data["prompt"], ui=ui, source=source)
     return Workflow(api=data, source=source)
@@ -221,9 +221,7 @@ def convert_ui_to_api(ui: dict, registry: dict | None = None) -> dict:
             if isinstance(src, tuple):
                 inputs[name] = src[1]
             elif src is not None:
-                inputs[name] = src
-            elif inp.get("link") is not None and not (inp.get("widget") and name in inputs):
-                inputs.pop(name, None)  # its source was muted or removed
+                inputs[name] = src  # (no source, e.g. muted: a widget keeps its own value)
         entry = {"class_type": kind, "inputs": inputs}
         if node.get("title"):
             entry["_meta"] = {"title": node["title"]}

@@ -156,3 +156,19 @@ def test_hidden_inputs_prompt_pnginfo_unique_id():
     assert pnginfo == {"workflow": ui}
     run_workflow(result.prompt, registry=REG)
     assert g.SUNK[1][3] is None  # an API graph carries no editor workflow
+
+
+def test_widget_fed_by_a_muted_node_keeps_its_value():
+    b = g.UIBuilder()
+    b.node(1, "Const", [42], outputs=[("INT", "INT")], mode=2)
+    b.node(2, "Seeded", [5, "fixed", "add", 1.0, ""], inputs=[("seed", "INT", "seed")], outputs=[("INT", "INT")])
+    b.node(3, "Sink", [], inputs=[("value", "*")])
+    b.link(1, 0, 2, 0).link(2, 0, 3, 0)
+    assert convert_ui_to_api(b.build(), REG)["2"]["inputs"]["seed"] == 5
+
+
+def test_post_prompt_body_is_accepted():
+    ui = seeded_to_sink(0.4)
+    body = {"prompt": convert_ui_to_api(ui, REG), "client_id": "x", "extra_data": {"extra_pnginfo": {"workflow": ui}}}
+    assert run_workflow(body, registry=REG).ui == {"7": {"values": [10]}}
+    assert g.SUNK[0][3] == {"workflow": ui}
