@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import progress
-from .validation import GraphError, GraphValidationError, links_of, is_link, validate_api
+from .validation import GraphError, GraphValidationError, class_hook, is_link, links_of, validate_api
 from .workflow import (Workflow, apply_overrides, apply_overrides_ui, as_workflow, default_registry, input_specs,
                        load_workflow, to_api)
 
@@ -119,7 +119,7 @@ class Executor:
         return memo[nid]
 
     def _is_changed(self, cls, inputs: dict) -> Any:
-        fn = getattr(cls, "IS_CHANGED", None)
+        fn = class_hook(cls, "IS_CHANGED")
         if fn is None:
             return None
         params = inspect.signature(fn).parameters

@@ -89,10 +89,11 @@ def _coerce(value: Any, spec: InputSpec) -> Any:
     return int(value) if isinstance(value, int) else int(number)
 
 
-def _validate_inputs_fn(cls):
-    fn = getattr(cls, "VALIDATE_INPUTS", None)
-    if inspect.isfunction(fn) and "self" in inspect.signature(fn).parameters:
-        fn = getattr(cls(), "VALIDATE_INPUTS")  # declared without @classmethod
+def class_hook(cls, name: str):
+    """``cls.VALIDATE_INPUTS`` / ``cls.IS_CHANGED`` callable with keyword inputs only, or None."""
+    fn = getattr(cls, name, None)
+    if inspect.isfunction(fn) and next(iter(inspect.signature(fn).parameters), None) in ("self", "s", "cls"):
+        fn = getattr(cls(), name)  # declared without @classmethod
     return fn
 
 
@@ -101,7 +102,7 @@ def _validate_node(nid: str, api: dict, registry: dict) -> list[GraphError]:
     ct = node["class_type"]
     cls = registry[ct]
     inputs = node["inputs"]
-    check = _validate_inputs_fn(cls)
+    check = class_hook(cls, "VALIDATE_INPUTS")
     params = inspect.signature(check).parameters if check else {}
     takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
     received = {}

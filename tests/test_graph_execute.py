@@ -171,3 +171,22 @@ def test_progress_inside_comfyui_uses_its_bar_and_interrupt(monkeypatch):
     calls.append("cancel")  # ComfyUI's Cancel button
     with pytest.raises(Stop):
         bar.update(1)
+
+
+def test_hooks_declared_without_classmethod():
+    class Plain(g.Const):
+        seen = []
+
+        def IS_CHANGED(self, value):  # noqa: N802 (ComfyUI's names)
+            Plain.seen.append(value)
+            return value
+
+        def VALIDATE_INPUTS(self, value):  # noqa: N802
+            return value != 13 or "13 is unlucky"
+    reg = {**REG, "Plain": Plain}
+    graph = g.api(n1=("Plain", {"value": 3}), n2=("Sink", {"value": ["1", 0]}))
+    ex = Executor(reg)
+    ex.run(graph)
+    assert ex.run(graph).executed == [] and Plain.seen == [3, 3]
+    graph["1"]["inputs"]["value"] = 13
+    assert [e.message for e in ex.validate(graph)] == ["custom validation failed: 13 is unlucky"]
