@@ -71,6 +71,17 @@ def next_counter(folder: Path, name: str) -> int:
     return max(numbers, default=0) + 1
 
 
+def _metadata_disabled() -> bool:
+    """ComfyUI's --disable-metadata flag (inside ComfyUI only)."""
+    if paths.comfy_folder_paths() is None:
+        return False
+    try:
+        from comfy.cli_args import args
+    except ImportError:
+        return False
+    return bool(getattr(args, "disable_metadata", False))
+
+
 def _link_no_replace(src: str, dst: str) -> None:
     """Give the finished temp file its final name; raise FileExistsError rather than replace a file."""
     try:
@@ -104,6 +115,8 @@ def save_images(images: torch.Tensor, filename_prefix: str, root: Path, *, node:
     folder.mkdir(parents=True, exist_ok=True)
 
     metadata = PngInfo()
+    if _metadata_disabled():
+        prompt, extra_pnginfo = None, None
     if prompt is not None:
         metadata.add_text("prompt", json.dumps(prompt))
     for key, value in (extra_pnginfo or {}).items():

@@ -17,7 +17,8 @@ from .types import GLASS_CLIP, GLASS_UNET, GLASS_VAE, GlassCLIP, GlassUNet, Glas
 
 CATEGORY = "Glass Diffusion/loaders"
 DTYPE_CHOICES = ["auto", "fp32", "fp16", "bf16"]
-DTYPE_TOOLTIP = "Weight precision: auto = fp16 on a GPU, fp32 on the CPU (or the --dtype setting headless)."
+DTYPE_TOOLTIP = ("Weight precision: auto = fp16 on a GPU (the VAE in fp32), fp32 on the CPU; headless, "
+                 "--dtype sets what auto means.")
 
 
 def _resolve(node: str, input_name: str, kind: str, name: str) -> Path:
@@ -82,7 +83,8 @@ class GlassCheckpointLoader:
         tokenizer = make_tokenizer(node, path, sd.config.clip)
         unet = GlassUNet(sd.unet, ModelSampling(), scaling_factor=sd.config.vae.scaling_factor, source=path.name)
         clip = GlassCLIP(sd.clip, tokenizer, embeddings_dir=paths.embeddings_dir(), source=path.name)
-        vae = GlassVAE(sd.vae, source=path.name)
+        vae_model = sd.vae.to(paths.vae_dtype(weight_dtype, dtype))
+        vae = GlassVAE(vae_model, source=path.name)
         return (unet, clip, vae)
 
 
@@ -109,6 +111,7 @@ class GlassVAELoader:
             raise NodeInputError(node, "weight_dtype", f"{weight_dtype!r} is not one of {DTYPE_CHOICES}")
         path = _resolve(node, "vae_name", "vae", vae_name)
         device, dtype = paths.device_and_dtype(weight_dtype)
+        dtype = paths.vae_dtype(weight_dtype, dtype)
         return (GlassVAE(load_vae(path, device=device, dtype=dtype), source=path.name),)
 
 

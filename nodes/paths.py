@@ -73,12 +73,22 @@ def device_and_dtype(dtype_choice: str = "auto"):
     if comfy_folder_paths() is not None:
         import comfy.model_management as mm
         device = mm.get_torch_device()
-        auto = torch.float16 if device.type == "cuda" else torch.float32
+        try:  # honours ComfyUI's --force-fp32 / --force-fp16 and the GPU's abilities
+            auto = torch.float16 if mm.should_use_fp16(device) else torch.float32
+        except Exception:
+            auto = torch.float16 if device.type == "cuda" else torch.float32
     else:
         settings = _settings()
         device = settings.torch_device()
         auto = settings.torch_dtype(device)
     return device, named.get(dtype_choice, auto)
+
+
+def vae_dtype(dtype_choice: str, dtype):
+    """The VAE's dtype: as chosen, except that 'auto' never runs the VAE in fp16 (SD 1.x VAE decodes can
+    overflow there; ComfyUI also keeps it in bf16/fp32): fp16 becomes fp32."""
+    import torch
+    return torch.float32 if dtype_choice == "auto" and dtype == torch.float16 else dtype
 
 
 def folder(kind: str) -> Path:

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import progress
 from .latent import check_mask
 from .types import GLASS_VAE, IMAGE, LATENT, MASK, GlassVAE, NodeInputError
 
@@ -78,9 +79,12 @@ def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float, out_channe
     out = torch.zeros(B, out_channels, round(H * scale), round(W * scale))
     weight = torch.zeros(1, 1, out.shape[2], out.shape[3])
     ys, xs = _starts(H, tile, overlap), _starts(W, tile, overlap)
+    bar = progress.ProgressBar(len(ys) * len(xs), desc="tiles") if len(ys) * len(xs) > 1 else None
     for y in ys:
         for x0 in xs:
             part = fn(x[:, :, y:y + tile, x0:x0 + tile]).float().cpu()
+            if bar is not None:
+                bar.update(1)  # also where Cancel is honoured
             th, tw = part.shape[-2:]
             oy, ox, ov = round(y * scale), round(x0 * scale), round(overlap * scale)
             wy = _ramp(th, min(ov, th // 2), y == ys[0], y == ys[-1])

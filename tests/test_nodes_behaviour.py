@@ -379,3 +379,10 @@ def test_preview_goes_to_the_temp_folder(out, env, tmp_path, monkeypatch):
     item = r["ui"]["images"][0]
     assert item["type"] == "temp" and (tmp_path / "temp" / item["filename"]).is_file()
     assert [p for p in saved_pngs(out) if "temp" not in p.relative_to(out).parts] == []  # nothing in output
+
+
+def test_auto_dtype_keeps_the_vae_out_of_fp16():
+    from glass_diffusion.nodes import paths
+    assert paths.vae_dtype("auto", torch.float16) == torch.float32
+    assert paths.vae_dtype("fp16", torch.float16) == torch.float16
+    assert paths.vae_dtype("auto", torch.bfloat16) == torch.bfloat16
