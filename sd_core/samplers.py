@@ -14,7 +14,6 @@ dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde) and diffusers' schedulers (ddim: DDIMSched
 lcm: LCMScheduler; uni_pc: UniPCMultistepScheduler). ComfyUI's `ddim` is Euler (plus fresh inpainting noise,
 handled in sampling.py): Euler on the k-diffusion variable is exactly deterministic DDIM.
 """
-import math
 from collections import deque
 
 import torch
@@ -420,7 +419,10 @@ def _unipc_update(denoiser, x, models, lams, sigma_prev, sigma_t, order, variant
 def sample_uni_pc(denoiser, x, sigmas, noise=None, callback=None, variant="bh1", final_sigma=0.001):
     """UniPC-p multistep with corrector (order min(3, steps - 1), lower order at the end), as ComfyUI runs it:
     a final sigma of 0 is replaced by `final_sigma`, so the result keeps that much noise; no corrector on the
-    last step; the first call only evaluates the model."""
+    last step; the first call only evaluates the model.
+
+    Log-SNR is -log(sigma) here. ComfyUI derives it in float32 through log(1 - alpha^2), which loses digits at
+    sigma 0.001, so its result differs from this (and from diffusers') by a few 1e-5 in the latent."""
     sigmas = sigmas.clone()
     if sigmas[-1] == 0:
         sigmas[-1] = final_sigma

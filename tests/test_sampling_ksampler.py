@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from glass_diffusion.sd_core import samplers as S
 from glass_diffusion.sd_core.guidance import CFGDenoiser
 from glass_diffusion.sd_core.noise import CPUNoise, DeviceNoise, make_noise_source, prepare_noise
 from glass_diffusion.sd_core.sampling import sample, sample_advanced
