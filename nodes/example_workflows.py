@@ -145,6 +145,7 @@ def _ksampler(g, title, loader, pos, neg, latent, seed=42, steps=20, cfg=7.5, de
 
 
 def text_to_image(g: Graph):
+    """Prompt -> empty latent -> KSampler -> decode -> save."""
     loader, pos, neg = _base(g)
     empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=1)
     ks = _ksampler(g, "Sampler", loader, pos, neg, empty[0])
@@ -153,6 +154,7 @@ def text_to_image(g: Graph):
 
 
 def image_to_image(g: Graph):
+    """Load an image, encode it, re-noise to denoise 0.6 and sample it back."""
     loader, pos, neg = _base(g, prompt="a watercolor painting of a harbour, soft light")
     load = g.add("GlassLoadImage", "Load Image", image=INPUT_IMAGE)
     enc = g.add("GlassVAEEncode", "Encode", pixels=load[0], vae=loader[2])
@@ -162,6 +164,7 @@ def image_to_image(g: Graph):
 
 
 def inpaint_noise_mask(g: Graph):
+    """Inpainting with an ordinary 4-channel model: the image's alpha becomes a noise mask; only the masked area is resampled."""
     loader, pos, neg = _base(g, prompt="a red wooden door")
     load = g.add("GlassLoadImage", "Load Image", image=INPUT_IMAGE)
     enc = g.add("GlassVAEEncode", "Encode", pixels=load[0], vae=loader[2])
@@ -172,6 +175,7 @@ def inpaint_noise_mask(g: Graph):
 
 
 def inpaint_9channel(g: Graph):
+    """Inpainting with a 9-channel inpainting checkpoint: masked pixels greyed, mask grown by 6 px (VAE Encode for Inpainting)."""
     loader, pos, neg = _base(g, ckpt=INPAINT_CHECKPOINT, prompt="a red wooden door")
     load = g.add("GlassLoadImage", "Load Image", image=INPUT_IMAGE)
     enc = g.add("GlassVAEEncodeForInpaint", "Encode for Inpainting", pixels=load[0], vae=loader[2],
@@ -182,6 +186,7 @@ def inpaint_9channel(g: Graph):
 
 
 def hires_fix(g: Graph):
+    """Two-stage hires fix: 512 px pass, latent upscale to 768 px, second pass at denoise 0.5, tiled decode."""
     loader, pos, neg = _base(g)
     empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=1)
     first = _ksampler(g, "First Pass", loader, pos, neg, empty[0])
@@ -193,6 +198,7 @@ def hires_fix(g: Graph):
 
 
 def step_by_step(g: Graph):
+    """One 12-step karras schedule split over three Denoise Steps nodes; each stage's x0 estimate is decoded and saved, plus a UNet Predict of the stage-1 latent."""
     loader, pos, neg = _base(g)
     empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=1)
     sched = g.add("GlassScheduler", "Schedule", unet=loader[0], scheduler="karras", steps=12, denoise=1.0)
@@ -215,6 +221,7 @@ def step_by_step(g: Graph):
 
 
 def prompt_weighting(g: Graph):
+    """The same weighted prompt encoded with ComfyUI's and AUTOMATIC1111's weighting, sampled side by side with one seed."""
     loader = g.add("GlassCheckpointLoader", "Checkpoint", ckpt_name=CHECKPOINT, weight_dtype="auto")
     prompt = "a cottage in a (flower meadow:1.4), (blue sky), ((clouds))"
     neg = g.add("GlassTextEncode", "Negative", clip=loader[1], text=NEGATIVE, weighting="comfy")
@@ -227,6 +234,7 @@ def prompt_weighting(g: Graph):
 
 
 def clip_skip(g: Graph):
+    """The same prompt through the last CLIP layer and the penultimate one (clip skip 2), side by side."""
     loader = g.add("GlassCheckpointLoader", "Checkpoint", ckpt_name=CHECKPOINT, weight_dtype="auto")
     empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=1)
     prompt = "portrait of an old fisherman, detailed, dramatic light"
@@ -240,6 +248,7 @@ def clip_skip(g: Graph):
 
 
 def batch_of_seeds(g: Graph):
+    """A batch of four latents from one seed (each gets its own noise), saved; one picked out of the batch and previewed."""
     loader, pos, neg = _base(g)
     empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=4)
     ks = _ksampler(g, "Sampler", loader, pos, neg, empty[0], seed=1234)
@@ -269,6 +278,13 @@ def build(name: str, registry: dict | None = None) -> Graph:
     g = Graph(registry)
     WORKFLOWS[name](g)
     return g
+
+
+def workflows_markdown() -> str:
+    """The README's list of shipped workflows."""
+    rows = ["| Workflow | What it shows |", "|---|---|"]
+    rows += [f"| `workflows/{name}.json` | {' '.join(fn.__doc__.split())} |" for name, fn in WORKFLOWS.items()]
+    return "\n".join(rows) + "\n"
 
 
 def _dump(data: dict) -> str:

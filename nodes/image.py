@@ -30,27 +30,29 @@ def image_to_pil(image: torch.Tensor) -> Image.Image:
 def load_image_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """A file -> (IMAGE [F, H, W, 3], MASK [F, H, W]); mask = 1 - alpha, zeros (64x64) without alpha.
     Frames of another size than the first are skipped (animated files)."""
-    img = Image.open(path)
     images, masks, size = [], [], None
-    for frame in ImageSequence.Iterator(img):
-        frame = ImageOps.exif_transpose(frame)
-        if frame.mode == "I":  # 16-bit greyscale
-            frame = frame.point(lambda v: v * (1 / 255))
-        rgb = frame.convert("RGB")
-        size = size or rgb.size
-        if rgb.size != size:
-            continue
-        images.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0))  # (H, W, 3)
-        if "A" in frame.getbands():
-            alpha = np.asarray(frame.getchannel("A"), dtype=np.float32) / 255.0
-        elif frame.mode == "P" and "transparency" in frame.info:
-            alpha = np.asarray(frame.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
-        else:
-            alpha = None
-        masks.append(1.0 - torch.from_numpy(alpha) if alpha is not None else torch.zeros(64, 64))
-        if img.format == "MPO":
-            break
-    return torch.stack(images), torch.stack(masks) if len({m.shape for m in masks}) == 1 else masks[0][None]
+    with Image.open(path) as img:
+        for frame in ImageSequence.Iterator(img):
+            frame = ImageOps.exif_transpose(frame)
+            if frame.mode == "I":  # 16-bit greyscale
+                frame = frame.point(lambda v: v * (1 / 255))
+            rgb = frame.convert("RGB")
+            size = size or rgb.size
+            if rgb.size != size:
+                continue
+            images.append(torch.from_numpy(np.array(rgb, dtype=np.float32) / 255.0))  # (H, W, 3)
+            if "A" in frame.getbands():
+                alpha = np.array(frame.getchannel("A"), dtype=np.float32) / 255.0
+            elif frame.mode == "P" and "transparency" in frame.info:
+                alpha = np.array(frame.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
+            else:
+                alpha = None
+            masks.append(1.0 - torch.from_numpy(alpha) if alpha is not None else torch.zeros(64, 64))
+            if img.format == "MPO":
+                break
+    if len({tuple(m.shape) for m in masks}) > 1:  # some frames without alpha: their 64x64 zeros fit no size
+        masks = [m if m.shape == images[0].shape[:2] else torch.zeros(images[0].shape[:2]) for m in masks]
+    return torch.stack(images), torch.stack(masks)  # (F, H, W, 3), (F, H, W)
 
 
 def _expand_prefix(prefix: str, width: int, height: int) -> str:
