@@ -294,3 +294,28 @@ def test_multistep_split_restarts_history(unet):
     second = sample_advanced(unet, POS, NEG, first, start_at_step=3, **{**kw, "add_noise": False})["samples"]
     diff = (whole - second).abs().max().item()
     assert 1e-4 < diff < 0.5 * whole.abs().max().item()
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde"])
+def test_sample_is_comfyui_pipeline_on_k_diffusion(name, unet):
+    """sample() == ComfyUI's KSampler recipe assembled by hand on k-diffusion 0.1.1: CPU noise from
+    manual_seed(seed); x = noise * sqrt(1 + sigma_max^2); the sampler's step noise from a CPU generator seeded
+    seed + 1 (ancestral) or k-diffusion's own torchsde BrownianTreeNoiseSampler seeded seed (SDE); / 0.18215."""
+    import _kdiff
+
+    K = _kdiff.load()
+    seed, lat = 21, latent(b=2, zero=True)
+    got = run(unet, lat, seed=seed, sampler_name=name, scheduler="karras", steps=5)["samples"]
+    torch.manual_seed(seed)
+    noise = torch.randn(lat["samples"].shape)
+    sigmas = get_sigmas("karras", MS, 5)
+    x = noise * (1 + sigmas[0] ** 2) ** 0.5
+    den = CFGDenoiser(unet, POS, NEG, 7.0, x.shape, MS)
+    if name == "euler_ancestral":
+        g = torch.Generator().manual_seed(seed + 1)
+        ns = lambda s, sn: torch.randn(x.shape, generator=g)  # noqa: E731
+    else:
+        ns = K.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seed)
+    ref = getattr(K, f"sample_{name}")(den, x, sigmas, noise_sampler=ns, disable=True) / SCALE
+    err = (got - ref).abs().max().item() * SCALE
+    assert err < 1e-5, err
