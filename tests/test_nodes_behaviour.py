@@ -386,3 +386,51 @@ def test_auto_dtype_keeps_the_vae_out_of_fp16():
     assert paths.vae_dtype("auto", torch.float16) == torch.float32
     assert paths.vae_dtype("fp16", torch.float16) == torch.float16
     assert paths.vae_dtype("auto", torch.bfloat16) == torch.bfloat16
+
+
+def test_inside_comfyui_end_to_end(env, tmp_path, monkeypatch):
+    """With ComfyUI's folder_paths / comfy modules present, the same classes list ComfyUI's model folders, use
+    its device choice, output and input folders, and report progress to its bar."""
+    stubs = _ComfyStubs()
+    mm = stubs.modules["comfy.model_management"]
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.should_use_fp16 = lambda device=None: False
+    fp = types.ModuleType("folder_paths")
+    fp.get_filename_list = lambda kind: sorted(os.listdir(env.models / kind)) if kind in ("checkpoints", "vae") else []
+    fp.get_full_path = lambda kind, name: str(env.models / kind / name)
+    fp.get_folder_paths = lambda kind: [str(env.models / kind)]
+    fp.get_output_directory = lambda: str(tmp_path / "comfy_out")
+    fp.get_input_directory = lambda: str(env.input)
+    fp.get_temp_directory = lambda: str(tmp_path / "comfy_temp")
+    fp.get_annotated_filepath = lambda name: str(env.input / name)
+    for name, mod in {**stubs.modules, "folder_paths": fp}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setenv("GLASS_DIFFUSION_MODELS", str(tmp_path / "nowhere"))  # headless settings are not used
+
+    assert CHECKPOINT in N["GlassCheckpointLoader"].INPUT_TYPES()["required"]["ckpt_name"][0]
+    unet, clip, vae = call("GlassCheckpointLoader", ckpt_name=CHECKPOINT, weight_dtype="auto")
+    assert unet.dtype == torch.float32 and clip.embeddings_dir == str(env.models / "embeddings")
+    pixels, mask = call("GlassLoadImage", image=INPUT_IMAGE)
+    lat = call("GlassVAEEncode", pixels=pixels, vae=vae)[0]
+    pos = call("GlassTextEncode", clip=clip, text="a door", weighting="comfy")[0]
+    lat = call("GlassKSampler", unet=unet, seed=1, steps=2, cfg=3.0, sampler_name="euler", scheduler="normal",
+               positive=pos, negative=pos, latent_image=call("GlassSetNoiseMask", samples=lat, mask=mask)[0],
+               denoise=0.8)[0]
+    assert [u[0] for u in stubs.updates] == [1, 2]
+    r = call("GlassSaveImage", images=call("GlassVAEDecode", samples=lat, vae=vae)[0], filename_prefix="ComfyUI",
+             prompt={"1": {}}, extra_pnginfo={"workflow": {}})
+    assert (tmp_path / "comfy_out" / r["ui"]["images"][0]["filename"]).is_file()
+
+
+def test_comfyui_data_made_by_its_own_nodes_plug_in(models):
+    """Formats as ComfyUI's nodes make them: ConditioningCombine (list concatenation), ConditioningSetArea
+    (an 'area' / 'strength' entry), a 2-D MASK, EmptyLatentImage's plain dict."""
+    combined = models.pos + [[models.neg[0][0], {**models.neg[0][1], "area": (4, 4, 0, 0), "strength": 0.7}]]
+    lat = {"samples": torch.zeros(1, 4, 8, 8)}
+    masked = call("GlassSetNoiseMask", samples=lat, mask=torch.ones(64, 64))[0]
+    out = call("GlassKSampler", unet=models.unet, seed=0, steps=1, cfg=2.0, sampler_name="euler",
+               scheduler="normal", positive=combined, negative=models.neg, latent_image=masked, denoise=1.0)[0]
+    assert out["samples"].shape == (1, 4, 8, 8) and torch.isfinite(out["samples"]).all()
+    plain = call("GlassKSampler", unet=models.unet, seed=0, steps=1, cfg=2.0, sampler_name="euler",
+                 scheduler="normal", positive=models.pos, negative=models.neg, latent_image=masked, denoise=1.0)[0]
+    assert not torch.allclose(out["samples"], plain["samples"])  # the area entry took part
