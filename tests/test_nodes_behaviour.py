@@ -434,3 +434,18 @@ def test_comfyui_data_made_by_its_own_nodes_plug_in(models):
     plain = call("GlassKSampler", unet=models.unet, seed=0, steps=1, cfg=2.0, sampler_name="euler",
                  scheduler="normal", positive=models.pos, negative=models.neg, latent_image=masked, denoise=1.0)[0]
     assert not torch.allclose(out["samples"], plain["samples"])  # the area entry took part
+
+
+def test_embeddings_come_from_the_models_embeddings_folder(models, env, out):
+    from safetensors.torch import save_file
+    width = models.clip.model.config.width
+    torch.manual_seed(5)
+    save_file({"emb_params": torch.randn(2, width)}, str(env.models / "embeddings" / "glassy.safetensors"))
+    assert models.clip.embeddings_dir == str(env.models / "embeddings")
+    with_emb = call("GlassTextEncode", clip=models.clip, text="a house, embedding:glassy", weighting="comfy")[0]
+    import dataclasses
+    no_dir = dataclasses.replace(models.clip, embeddings_dir=None)  # then 'embedding:glassy' is plain text
+    as_text = call("GlassTextEncode", clip=no_dir, text="a house, embedding:glassy", weighting="comfy")[0]
+    assert not torch.allclose(with_emb[0][0], as_text[0][0])
+    again = call("GlassTextEncode", clip=models.clip, text="a house, embedding:glassy", weighting="comfy")[0]
+    torch.testing.assert_close(again[0][0], with_emb[0][0])
