@@ -79,6 +79,23 @@ def _check_step(v, what):
     return v
 
 
+def plan_sigmas(scheduler, sampler_name, steps, denoise=1.0, start_step=None, last_step=None,
+                force_full_denoise=False, model_sampling=None, sigmas=None):
+    """The exact SIGMAS `sample` runs (len - 1 = number of steps, e.g. for a progress bar); empty when nothing
+    is to be done. KSampler's schedule for (steps, denoise), then KSamplerAdvanced's cut: up to last_step (its
+    sigma replaced by 0 with force_full_denoise), from start_step."""
+    if sigmas is None:
+        sigmas = get_sigmas(scheduler, model_sampling or ModelSampling(), steps, denoise,
+                            discard_penultimate=sampler_name in S.DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
+    if last_step is not None and last_step < len(sigmas) - 1:
+        sigmas = sigmas[:last_step + 1].clone()
+        if force_full_denoise:
+            sigmas[-1] = 0
+    if start_step is not None:
+        sigmas = sigmas[start_step:] if start_step < len(sigmas) - 1 else sigmas[:0]
+    return sigmas
+
+
 def sample(unet, positive, negative, latent, *, seed, steps, cfg, sampler_name, scheduler, denoise=1.0,
            add_noise=True, start_step=None, last_step=None, force_full_denoise=False, noise_kind="cpu",
            noise_source=None, callback=None, model_sampling=None, scaling_factor=0.18215, sigmas=None,
@@ -127,22 +144,12 @@ def sample(unet, positive, negative, latent, *, seed, steps, cfg, sampler_name, 
         noise = prepare_noise(latent_image, seed, latent.get("batch_index"))
     else:
         noise = torch.zeros(latent_image.shape, dtype=latent_image.dtype)
-    if sigmas is None:
-        sigmas = get_sigmas(scheduler, ms, steps, denoise,
-                            discard_penultimate=sampler_name in S.DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
-    else:
+    if sigmas is not None:
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32).clone()
         _check_finite(sigmas, "sigmas")
-    if last_step is not None and last_step < len(sigmas) - 1:
-        sigmas = sigmas[:last_step + 1].clone()
-        if force_full_denoise:
-            sigmas[-1] = 0
-    if start_step is not None:
-        if start_step < len(sigmas) - 1:
-            sigmas = sigmas[start_step:]
-        else:
-            return {**latent, "samples": latent_image.clone()}
-    if len(sigmas) == 0:  # denoise 0
+    sigmas = plan_sigmas(scheduler, sampler_name, steps, denoise, start_step, last_step, force_full_denoise, ms,
+                         sigmas)
+    if len(sigmas) == 0:  # denoise 0, or start_step at or past the end
         return {**latent, "samples": latent_image.clone()}
 
     # ---- to the UNet's device, latent scaled
