@@ -114,8 +114,8 @@ def test_cpu_noise_same_on_cuda():
     out_cpu = run(u, sampler_name="euler_ancestral")["samples"]
     out_gpu = run(u.cuda(), sampler_name="euler_ancestral")["samples"]
     out_dev = run(u, sampler_name="euler_ancestral", noise_kind="device")["samples"]
-    assert (out_cpu - out_gpu).abs().max() < 1e-3
-    assert (out_cpu - out_dev).abs().max() > 1e-2  # the device generator gives a different image
+    assert (out_cpu - out_gpu).abs().max() < 1e-2  # GPU convolutions (TF32) round differently
+    assert (out_cpu - out_dev).abs().max() > 0.1  # the device generator gives a different image
 
 
 def test_start_noise_scaling(unet):
