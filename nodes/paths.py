@@ -120,8 +120,8 @@ def full_path(kind: str, name: str) -> Optional[Path]:
     if fp is not None:
         p = fp.get_full_path(kind, name)
         return Path(p) if p else None
-    root = folder(kind).resolve()
-    p = (root / name).resolve()
+    root = folder(kind)
+    p = Path(os.path.normpath(root / name))  # '..' removed; symlinked model files are fine
     if root not in p.parents or not p.is_file():  # never leave the models folder
         return None
     return p

@@ -449,3 +449,18 @@ def test_embeddings_come_from_the_models_embeddings_folder(models, env, out):
     assert not torch.allclose(with_emb[0][0], as_text[0][0])
     again = call("GlassTextEncode", clip=models.clip, text="a house, embedding:glassy", weighting="comfy")[0]
     torch.testing.assert_close(again[0][0], with_emb[0][0])
+
+
+def test_model_paths_stay_inside_the_models_folder_but_follow_symlinks(env, tmp_path):
+    from glass_diffusion.nodes import paths, runtime
+    models = tmp_path / "models"
+    (models / "checkpoints" / "sub").mkdir(parents=True)
+    os.symlink(env.models / "checkpoints" / CHECKPOINT, models / "checkpoints" / "sub" / "linked.safetensors")
+    (models / "secret.safetensors").write_bytes(b"")
+    (models / "checkpoints" / "notes.txt").write_text("not a model")
+    with runtime.settings_override(models_dir=models):
+        assert paths.list_files("checkpoints") == ["sub/linked.safetensors"]
+        assert paths.full_path("checkpoints", "sub/linked.safetensors") is not None
+        assert paths.full_path("checkpoints", "../secret.safetensors") is None
+        assert paths.full_path("checkpoints", "missing.safetensors") is None
+        assert paths.list_files("vae") == []
