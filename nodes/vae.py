@@ -50,7 +50,7 @@ def encode_pixels(vae: GlassVAE, pixels: torch.Tensor) -> torch.Tensor:
 def decode_latent(vae: GlassVAE, samples: torch.Tensor) -> torch.Tensor:
     """Unscaled latent [B, 4, h, w] -> IMAGE [B, 8h, 8w, 3] in 0..1 (CPU, float32)."""
     x = vae.model.decode(samples.to(vae.device, vae.dtype)).float()
-    return ((x + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).cpu()  # (B, 3, H, W) -> (B, H, W, 3)
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).contiguous().cpu()  # (B, 3, H, W) -> (B, H, W, 3)
 
 
 def _ramp(n: int, overlap: int, first: bool, last: bool) -> torch.Tensor:
@@ -196,7 +196,7 @@ class GlassVAEDecodeTiled:
         tile, overlap = _tile_and_overlap(node, tile_size, overlap, d)
         fn = lambda t: decode_latent(vae, t).movedim(-1, 1)
         image = tiled(fn, z, tile // d, overlap // d, float(d), 3)  # (B, 3, H, W)
-        return (image.movedim(1, -1).clamp(0, 1),)
+        return (image.movedim(1, -1).clamp(0, 1).contiguous(),)
 
 
 def _tile_and_overlap(node: str, tile_size: int, overlap: int, d: int) -> tuple[int, int]:
