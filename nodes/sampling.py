@@ -96,7 +96,7 @@ def run_sampler(node: str, unet: GlassUNet, positive, negative, latent: dict, *,
                 denoise: float = 1.0, add_noise: bool = True, start_step=None, last_step=None,
                 force_full_denoise: bool = False):
     """sd_core.sampling.sample with progress; returns (LATENT result, LATENT last x0 estimate)."""
-    from ..sd_core.sampling import sample
+    from ..sd_core.sampling import plan_sigmas, sample
     check_conditioning(node, "positive", positive, unet)
     check_conditioning(node, "negative", negative, unet)
     samples = check_latent(node, "latent_image", latent)
@@ -104,13 +104,11 @@ def run_sampler(node: str, unet: GlassUNet, positive, negative, latent: dict, *,
         raise NodeInputError(node, "latent_image", f"expected a 4-channel SD 1.x latent, got {samples.shape[1]} channels")
     if not 0 <= int(seed) <= MAX_SEED:
         raise NodeInputError(node, "seed", f"must be in 0..{MAX_SEED}, got {seed}")
-    if sigmas is not None:
-        total = len(sigmas) - 1
-        lo = start_step or 0
-        hi = total if last_step is None else min(last_step, total)
-        total = max(hi - lo, 0)
-    else:
-        total = steps
+    try:  # the exact schedule sample() will run: its length sizes the progress bar
+        total = len(plan_sigmas(scheduler, sampler.name, steps, denoise, start_step, last_step, force_full_denoise,
+                                unet.model_sampling, sigmas)) - 1
+    except ValueError as e:
+        raise ValueError(f"{node}: {e}") from e
     progress.check_cancel()
     bar = _Progress(max(total, 1), node)
     try:

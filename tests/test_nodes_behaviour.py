@@ -296,6 +296,12 @@ def test_inside_comfyui_progress_previews_and_cancel(models, monkeypatch):
     kind, preview, size = stubs.updates[0][2]
     assert kind == "JPEG" and isinstance(preview, Image.Image) and preview.size == (8, 8)
     stubs.updates.clear()
+    sigmas = call("GlassScheduler", unet=models.unet, scheduler="normal", steps=4, denoise=1.0)[0]
+    euler = call("GlassSamplerSelect", sampler_name="euler", step_noise="cpu")[0]
+    call("GlassDenoiseSteps", unet=models.unet, positive=models.pos, negative=models.neg, sampler=euler,
+         sigmas=sigmas, latent_image=latent(), add_noise=True, noise_seed=0, cfg=2.0, start_step=1, end_step=3)
+    assert [u[:2] for u in stubs.updates] == [(1, 2), (2, 2)]  # the bar counts the steps this node runs
+    stubs.updates.clear()
     stubs.cancel_after = 1
     with pytest.raises(InterruptedError):
         call("GlassKSampler", **ks)
