@@ -1,0 +1,50 @@
+"""The tiny model's training code: a few steps of every stage, reproducible from the seed, resumable, and the
+result loads through the package's checkpoint loader and tokenizer."""
+import json
+
+import torch
+
+from glass_diffusion.sd_core import train_tiny
+from glass_diffusion.sd_core.checkpoint import load_checkpoint
+from glass_diffusion.sd_core.tokenizer import CLIPTokenizer
+
+FAST = ["--vae-batch", "4", "--num-latents", "32", "--batch", "4", "--save-every-s", "0"]
+
+
+def _run(out, vae_steps, steps, seed=0):
+    return train_tiny.main(["--out", str(out), "--seed", str(seed), "--vae-steps", str(vae_steps),
+                            "--steps", str(steps), *FAST])
+
+
+def _weights(path):
+    sd = load_checkpoint(path).state_dict()
+    return {k: v.clone() for k, v in sd.items()}
+
+
+def test_training_runs_exports_and_loads(tmp_path):
+    ckpt = _run(tmp_path / "a", 2, 2)
+    model = load_checkpoint(ckpt)
+    cfg = model.config
+    tok = CLIPTokenizer(tmp_path / "a" / "tokenizer")
+    assert cfg.clip.vocab_size == tok.vocab_size
+    assert (cfg.clip.bos_token_id, cfg.clip.eos_token_id) == (tok.bos_id, tok.eos_id)
+    assert cfg.clip.max_positions == 77 and cfg.unet.context_dim == cfg.clip.width
+    assert cfg.vae.scaling_factor != 0.18215 and cfg.vae.scaling_factor > 0  # measured on the data
+    assert ckpt.stat().st_size < 20e6
+    info = json.loads((tmp_path / "a" / "train_info.json").read_text())
+    assert info["config"] == json.loads(json.dumps(cfg.to_dict()))
+
+
+def test_same_seed_same_model_and_interrupted_run_resumes_exactly(tmp_path):
+    a = _weights(_run(tmp_path / "a", 3, 4))
+    b = _weights(_run(tmp_path / "b", 3, 4))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # an interrupted run (stopped after diffusion step 2) resumes from its saved state to the same model
+    assert train_tiny.main(["--out", str(tmp_path / "c"), "--vae-steps", "3", "--steps", "4",
+                            "--stop-at-step", "2", *FAST]) is None
+    assert torch.load(tmp_path / "c" / "diffusion_state.pt", weights_only=False)["step"] == 2
+    assert not (tmp_path / "c" / "glass-tiny.safetensors").exists()
+    c = _weights(_run(tmp_path / "c", 3, 4))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    d = _weights(_run(tmp_path / "d", 3, 4, seed=1))
+    assert any(not torch.equal(a[k], d[k]) for k in a if k.startswith("model.diffusion_model."))
