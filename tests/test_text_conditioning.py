@@ -207,7 +207,7 @@ def reference(theirs, hf_tok, segments, layer=-1, weighting="comfy"):
     ids, w = ref_windows(hf_tok, segments)
     empty = torch.tensor([[hf_tok.bos_token_id] + [hf_tok.eos_token_id] * 76])
     out = theirs(input_ids=torch.cat([ids, empty]), output_hidden_states=True)
-    z = out.last_hidden_state if layer == -1 else theirs.text_model.final_layer_norm(out.hidden_states[layer])
+    z = out.last_hidden_state if layer == -1 else theirs.final_layer_norm(out.hidden_states[layer])
     z, z_empty, w = z[:-1], z[-1:], w[..., None].float()
     if weighting == "comfy":
         z = torch.where(w != 1.0, z_empty + (z - z_empty) * w, z)
