@@ -235,3 +235,32 @@ def test_embedding_without_folder_is_text(caplog):
     with caplog.at_level(logging.WARNING):
         assert win("embedding:two") == [window([ord(c) for c in "embedding:two"])]
     assert "no embeddings folder" in caplog.text
+
+
+# ------------------------------------------------------------------ properties on random prompts
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+ATOMS = ["x", "yy", " ", "\n", ",", "(", ")", "\\(", "\\)", ":", ":1.5", ":0", ":-2", ":abc", "x" * 9, "z" * 40]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(ATOMS), max_size=60))
+def test_windows_keep_every_token_in_order(atoms):
+    text = "".join(atoms)
+    tok = CharTokenizer()
+    groups = tokenize_prompt(text, tok)
+    windows = pack_windows(groups, tok.bos_id, tok.eos_id)
+    assert all(len(w) == 77 and w[0] == (1, 1.0) for w in windows)
+    body = []
+    for w in windows:
+        ids = [t for t, _ in w]
+        end = ids.index(2)  # the first end token closes the content (the stub never emits 1 or 2)
+        assert set(ids[end:]) == {2} and all(wt == 1.0 for _, wt in w[end:])
+        assert end - 1 <= 75
+        body += w[1:end]
+    assert body == [item for g in groups for item in g]  # nothing lost, duplicated or reordered
+    # a short group (< 8 tokens) never straddles two windows
+    for g in groups:
+        if 0 < len(g) < 8:
+            assert any(any(w[i:i + len(g)] == g for i in range(77)) for w in windows)
