@@ -176,3 +176,31 @@ def test_pickle_formats_load(tmp_path, suffix):
     # the loaded tensors own their memory: deleting the file changes nothing
     os.unlink(tmp_path / f"m{suffix}")
     assert_same_state(loaded, state)
+
+
+def test_legacy_non_zip_pickle_loads(tmp_path):
+    state = tiny_state(seed=7)
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": state, "global_step": 1}, path, _use_new_zipfile_serialization=False)
+    assert_same_state(load_checkpoint(path), state)
+
+
+def test_dtype_none_takes_the_files_main_float_dtype(tmp_path):
+    state = tiny_state(seed=8)
+    mixed = {k: v.half() if v.is_floating_point() and not k.startswith("model.") else v for k, v in state.items()}
+    loaded = load_checkpoint(write(tmp_path / "mixed.safetensors", mixed))  # UNet fp32, VAE + CLIP (most) fp16
+    assert {t.dtype for t in loaded.state_dict().values()} == {torch.float16, torch.int64}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_load_straight_to_cuda(tmp_path, suffix):
+    model = tiny_model(seed=9)
+    path = save_checkpoint(model, tmp_path / "m.safetensors", dtype=torch.float32)
+    if suffix == ".ckpt":
+        path = write(tmp_path / "m.ckpt", model.state_dict())
+    loaded = load_checkpoint(path, device="cuda", dtype=torch.float16)
+    assert all(t.device.type == "cuda" for t in loaded.state_dict().values())
+    expected = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    for k, v in loaded.state_dict().items():
+        assert v.dtype == expected[k].dtype and torch.equal(v.cpu(), expected[k]), k
