@@ -293,7 +293,8 @@ def infer_unet_config(shapes: Mapping, prefix: str = UNET, path="<state dict>") 
     if not levels:
         raise CheckpointError(path, f"cannot infer the UNet config: no {prefix}input_blocks.N.0.in_layers keys")
     mult = tuple(get(f"input_blocks.{blocks[0]}.0.out_layers.3.weight")[0] // base for blocks in levels)
-    attention = tuple(i for i, blocks in enumerate(levels) if _has(shapes, prefix, f"input_blocks.{blocks[0]}.1.proj_in.weight"))
+    attention = tuple(i for i, blocks in enumerate(levels)
+                      if _has(shapes, prefix, f"input_blocks.{blocks[0]}.1.proj_in.weight"))
     attn_prefix = f"{prefix}middle_block.1.transformer_blocks."
     depth = len({k[len(attn_prefix):].split(".")[0] for k in shapes if k.startswith(attn_prefix)})
     channels = [base * m for m in mult]
@@ -325,7 +326,7 @@ def infer_clip_config(shapes: Mapping, prefix: str = CLIP, path="<state dict>") 
     layers = _count(shapes, prefix + "encoder.layers.")
     return CLIPTextConfig(
         vocab_size=vocab, max_positions=get("embeddings.position_embedding.weight")[0], width=width,
-        layers=layers, heads=max(1, width // 64) if width % 64 == 0 else 1,
+        layers=layers, heads=width // 64 if width % 64 == 0 else 1,
         mlp_width=get("encoder.layers.0.mlp.fc1.weight")[0],
         bos_token_id=vocab - 2, eos_token_id=vocab - 1)  # 49406 / 49407 for the real vocab
 

@@ -87,8 +87,8 @@ def test_fp16_file_loads_as_fp32_within_one_fp32_copy_plus_the_file(sd15_file):
     file_bytes = sd15_file.stat().st_size
     peak, base = r["peak_kib"] * 1024, r["base_kib"] * 1024
     print(f"\nfull-size fp16 -> fp32 load: peak RSS {peak / 2**30:.2f} GiB (interpreter + torch before loading "
-          f"{base / 2**30:.2f} GiB); fp32 weights {r['state_bytes'] / 2**30:.2f} GiB; file {file_bytes / 2**30:.2f} GiB; "
-          f"{r['seconds']:.1f} s")
+          f"{base / 2**30:.2f} GiB); fp32 weights {r['state_bytes'] / 2**30:.2f} GiB; "
+          f"file {file_bytes / 2**30:.2f} GiB; {r['seconds']:.1f} s")
     assert r["same"] and r["dtypes"] == ["torch.float32", "torch.int64"]
     assert r["state_bytes"] > 4.2e9  # it really was the full-size model, in fp32
     assert peak - base < 1.3 * r["state_bytes"] + file_bytes
