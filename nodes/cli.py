@@ -1,14 +1,15 @@
 """``glass-diffusion``: run, validate and convert workflows, and list the nodes, without ComfyUI.
 
-    glass-diffusion run WORKFLOW [--set NODE.INPUT=VALUE ...] [--models DIR] [--output DIR]
+    glass-diffusion run WORKFLOW [--set NODE.INPUT=VALUE ...] [--models DIR] [--input DIR] [--output DIR]
                                  [--device auto|cpu|cuda] [--dtype auto|fp32|fp16|bf16]
-    glass-diffusion validate WORKFLOW [--set ...]
+    glass-diffusion validate WORKFLOW [--set ...] [--models DIR] [--input DIR]
     glass-diffusion convert WORKFLOW [-o OUT]
     glass-diffusion nodes [--json]
 
 WORKFLOW is a JSON file (editor or API format) or a PNG written by a save node. NODE is a node id,
 a title, or a class_type used once. Exit codes: 0 done, 2 invalid graph or arguments, 1 failed run.
-The first Ctrl-C cancels at the next step; a second one stops at once.
+The first Ctrl-C cancels at the next step; a second one stops at once. A run writes its files only when it
+succeeds: a failed or cancelled run leaves nothing in the output folder (see nodes/outputs.py).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def _run(args, registry) -> int:
     if main_thread:
         signal.signal(signal.SIGINT, on_sigint)
     try:
-        with runtime.settings_override(models_dir=args.models, output_dir=args.output,
+        with runtime.settings_override(models_dir=args.models, input_dir=args.input, output_dir=args.output,
                                        device=args.device, dtype=args.dtype):
             result = run_workflow(args.workflow, overrides, registry=registry, executor=Executor(registry))
     except GraphValidationError as e:
@@ -77,7 +78,7 @@ def _run(args, registry) -> int:
 
 
 def _validate(args, registry) -> int:
-    with runtime.settings_override(models_dir=args.models):
+    with runtime.settings_override(models_dir=args.models, input_dir=args.input):
         errors = validate_workflow(args.workflow, _parse_sets(args.set), registry)
     if errors:
         _print_errors(errors)
@@ -139,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("workflow")
         sp.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
                         help="override an input (VALUE is JSON when it parses, else a string); repeatable")
-    run.add_argument("--output", metavar="DIR", help="output folder (default ./output)")
+        sp.add_argument("--input", metavar="DIR", help="input folder for image loaders "
+                        "(default $GLASS_DIFFUSION_INPUT or ./input)")
+    run.add_argument("--output", metavar="DIR", help="output folder (default $GLASS_DIFFUSION_OUTPUT or ./output)")
     run.add_argument("--device", choices=runtime.DEVICES, default=None)
     run.add_argument("--dtype", choices=runtime.DTYPES, default=None)
     conv = sub.add_parser("convert", help="convert an editor workflow to the API format")

@@ -2,8 +2,11 @@
 
 ``run_workflow`` loads a workflow (API/UI JSON, dict or PNG), converts it to the API format,
 validates the whole graph (every problem, ComfyUI's node_errors style), then runs what the output
-nodes (OUTPUT_NODE) need, in dependency order. An ``Executor`` caches node outputs between runs by
-a signature of class, inputs, upstream signatures and IS_CHANGED, so only changed nodes rerun.
+nodes (OUTPUT_NODE) need, in dependency order, the output nodes themselves last (so a failure in the
+work they need wastes no saving). An ``Executor`` caches node outputs between runs by a signature of
+class, inputs, upstream signatures and IS_CHANGED, so only changed nodes rerun.
+Each run is one output transaction (nodes/outputs.py): files the nodes save appear only when every node
+succeeded and no cancel was requested; a failed or interrupted run leaves no file behind.
 Lists follow ComfyUI: each output is a list; a node without INPUT_IS_LIST is called once per item.
 Lazy inputs, node expansion and ExecutionBlocker are not supported.
 """
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import outputs as output_files
 from . import progress
 from .validation import GraphError, GraphValidationError, class_hook, is_link, links_of, validate_api
 from .workflow import (Workflow, apply_overrides, apply_overrides_ui, as_workflow, default_registry, input_specs,
@@ -73,20 +77,33 @@ class Executor:
             raise GraphValidationError(errors)
         progress.clear_cancel()
         result, signatures, used = RunResult(prompt=api), {}, {}
-        for nid in self._order(api, outputs):
-            sig = self._signature(nid, api, signatures)
-            hit = self.cache.get(sig)
-            if hit is None:  # (_call checks for cancellation before each call)
-                hit = self.cache[sig] = self._execute(nid, api, result, extra_pnginfo)
-                result.executed.append(nid)
-            used[sig] = hit
-            result.outputs[nid] = hit[0]
-            if hit[1]:
-                result.ui[nid] = hit[1]
+        staged: dict[str, str] = {}  # node id -> signature, for nodes that saved files this run
+        try:
+            with output_files.transaction() as txn:  # commits at the end of the block, else rolls back
+                for nid in self._order(api, outputs):
+                    sig = self._signature(nid, api, signatures)
+                    hit = self.cache.get(sig)
+                    if hit is None:  # (_call checks for cancellation before each call)
+                        before = len(txn)
+                        hit = self.cache[sig] = self._execute(nid, api, result, extra_pnginfo)
+                        result.executed.append(nid)
+                        if len(txn) > before:
+                            staged[nid] = sig
+                    used[sig] = hit
+                    result.outputs[nid] = hit[0]
+                    if hit[1]:
+                        result.ui[nid] = hit[1]
+                progress.check_cancel()  # a cancel during the last node: still nothing written
+        except BaseException:
+            for nid, sig in staged.items():  # their files are gone: rerun them next time, report no names
+                self.cache.pop(sig, None)
+                result.ui.pop(nid, None)
+            raise
         self.cache = used  # keep what this graph uses (big models are not kept forever)
         return result
 
     def _order(self, api: dict, outputs: list[str]) -> list[str]:
+        """Dependency order: first everything the output nodes need, then the output nodes not yet placed."""
         order, seen = [], set()
 
         def visit(nid):
@@ -96,6 +113,9 @@ class Executor:
                     visit(src)
                 order.append(nid)
 
+        for nid in outputs:
+            for _, src in links_of(api[nid]):
+                visit(src)
         for nid in outputs:
             visit(nid)
         return order

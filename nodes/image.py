@@ -1,12 +1,12 @@
 """Image nodes: load (image + mask from alpha), save (PNG with ComfyUI's metadata), preview."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
-from . import paths
+from . import outputs, paths
 from .types import IMAGE, MASK, NodeInputError
 
 CATEGORY = "Glass Diffusion/image"
@@ -84,25 +84,14 @@ def _metadata_disabled() -> bool:
     return bool(getattr(args, "disable_metadata", False))
 
 
-def _link_no_replace(src: str, dst: str) -> None:
-    """Give the finished temp file its final name; raise FileExistsError rather than replace a file."""
-    try:
-        os.link(src, dst)
-    except FileExistsError:
-        raise
-    except OSError:  # file systems without hard links: exclusive create, then replace our own empty file
-        fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.close(fd)
-        os.replace(src, dst)
-
-
 def save_images(images: torch.Tensor, filename_prefix: str, root: Path, *, node: str, prompt=None,
                 extra_pnginfo=None, compress_level: int = 4, folder_type: str = "output") -> list[dict]:
-    """Write each image as '<prefix>_<NNNNN>_.png' under root, never replacing a file.
+    """Write each image as '<prefix>_<NNNNN>_.png' under root, never replacing a file; returns the ui entries.
 
     tEXt chunks as ComfyUI writes them: 'prompt' = JSON of the API graph, then one chunk per
-    extra_pnginfo key (in practice 'workflow' = the UI graph). Every file is written to a temp file
-    first; if any image fails, the files already placed by this call are removed again.
+    extra_pnginfo key (in practice 'workflow' = the UI graph). The files are staged in the run's output
+    transaction (nodes/outputs.py) and appear only when the whole run succeeds; without one (inside
+    ComfyUI) in a transaction of this call: they appear when it returns, all or none.
     """
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
         raise NodeInputError(node, "images", f"expected an IMAGE tensor [B, H, W, 3], got "
@@ -124,40 +113,22 @@ def save_images(images: torch.Tensor, filename_prefix: str, root: Path, *, node:
     for key, value in (extra_pnginfo or {}).items():
         metadata.add_text(key, json.dumps(value))
 
-    placed, temps, results = [], [], []
-    try:
+    results = []
+    with contextlib.ExitStack() as stack:
+        txn = outputs.current()
+        if txn is None:  # inside ComfyUI: this call's own transaction
+            txn = stack.enter_context(outputs.transaction())
         counter = next_counter(folder, name)
         for batch_number, image in enumerate(images):
             if image.shape[-1] == 1:
                 image = image.expand(-1, -1, 3)
-            fd, tmp = tempfile.mkstemp(prefix=".glass-", suffix=".png.tmp", dir=folder)
-            temps.append(tmp)
-            with os.fdopen(fd, "wb") as f:
-                image_to_pil(image[..., :3]).save(f, format="PNG", pnginfo=metadata, compress_level=compress_level)
-            file_name = name.replace("%batch_num%", str(batch_number))
-            while True:
-                file = f"{file_name}_{counter:05}_.png"
-                try:
-                    _link_no_replace(tmp, str(folder / file))
-                    break
-                except FileExistsError:
-                    counter += 1  # someone else took this number meanwhile
-            placed.append(folder / file)
-            results.append({"filename": file, "subfolder": subfolder, "type": folder_type})
-            counter += 1
-    except BaseException:
-        for p in placed:
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
-        raise
-    finally:
-        for tmp in temps:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            pil = image_to_pil(image[..., :3])
+            entry = {"filename": None, "subfolder": subfolder, "type": folder_type}
+            number = txn.stage(folder, name.replace("%batch_num%", str(batch_number)), counter,
+                               lambda f: pil.save(f, format="PNG", pnginfo=metadata, compress_level=compress_level),
+                               entry)
+            results.append(entry)
+            counter = number + 1
     return results
 
 

@@ -32,6 +32,7 @@ def _settings():
 
 
 def _setting_dir(name: str, env: str, default: str) -> Path:
+    """A folder from the runtime settings; for folders the settings lack (temp), the environment or default."""
     value = getattr(_settings(), name, None)
     if value is None:
         value = os.environ.get(env, default)

@@ -1,8 +1,9 @@
-"""Headless runtime settings the nodes read: models folder, output folder, device, dtype.
+"""Headless runtime settings the nodes read: models, input and output folders, device, dtype.
 
-The CLI fills them from ``--models/--output/--device/--dtype``; library users call ``configure``
+The CLI fills them from ``--models/--input/--output/--device/--dtype``; library users call ``configure``
 or use ``settings_override`` as a context manager. Defaults come from the environment variables
-GLASS_DIFFUSION_MODELS / GLASS_DIFFUSION_OUTPUT, else ``./models`` and ``./output``.
+GLASS_DIFFUSION_MODELS / GLASS_DIFFUSION_INPUT / GLASS_DIFFUSION_OUTPUT (read when this module is
+imported), else ``./models``, ``./input`` and ``./output``.
 Inside ComfyUI the nodes use ``folder_paths`` and ComfyUI's device management instead.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 class RuntimeSettings:
     models_dir: Path
     output_dir: Path
+    input_dir: Path = Path("input")
     device: str = "auto"  # "auto" | "cpu" | "cuda" (or "cuda:N")
     dtype: str = "auto"   # "auto" | "fp32" | "fp16" | "bf16"
 
@@ -42,7 +44,8 @@ class RuntimeSettings:
 
 def _defaults() -> RuntimeSettings:
     return RuntimeSettings(models_dir=Path(os.environ.get("GLASS_DIFFUSION_MODELS", "models")),
-                           output_dir=Path(os.environ.get("GLASS_DIFFUSION_OUTPUT", "output")))
+                           output_dir=Path(os.environ.get("GLASS_DIFFUSION_OUTPUT", "output")),
+                           input_dir=Path(os.environ.get("GLASS_DIFFUSION_INPUT", "input")))
 
 
 _settings = _defaults()
@@ -56,7 +59,7 @@ def configure(**changes) -> RuntimeSettings:
     """Change some settings (None values are ignored); returns the new settings."""
     global _settings
     changes = {k: v for k, v in changes.items() if v is not None}
-    for key in ("models_dir", "output_dir"):
+    for key in ("models_dir", "output_dir", "input_dir"):
         if key in changes:
             changes[key] = Path(changes[key])
     if changes.get("device", "auto").split(":")[0] not in DEVICES:

@@ -71,16 +71,12 @@ def latent_preview(denoised: torch.Tensor):
     return Image.fromarray(rgb.numpy())
 
 
-def _previews_wanted() -> bool:
-    return progress.in_comfyui() or getattr(progress, "_preview_hook", None) is not None
-
-
 class _Progress:
     """sd_core callback(step, x, denoised): progress, Cancel, previews; remembers the last x0 estimate."""
 
     def __init__(self, total: int, desc: str):
         self.bar = progress.ProgressBar(total, desc=desc)
-        self.total, self.last_x0, self.previews = total, None, _previews_wanted()
+        self.total, self.last_x0, self.previews = total, None, progress.previews_enabled()
 
     def __call__(self, step, x, denoised):
         self.last_x0 = denoised

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,17 +77,10 @@ class TinyEnv:
 
     @contextlib.contextmanager
     def settings(self, output: Path):
-        """Runtime settings (models, output) and the input folder pointed at this environment, CPU fp32."""
-        old = os.environ.get("GLASS_DIFFUSION_INPUT")
-        os.environ["GLASS_DIFFUSION_INPUT"] = str(self.input)
-        try:
-            with runtime.settings_override(models_dir=self.models, output_dir=output, device="cpu", dtype="fp32"):
-                yield
-        finally:
-            if old is None:
-                os.environ.pop("GLASS_DIFFUSION_INPUT", None)
-            else:
-                os.environ["GLASS_DIFFUSION_INPUT"] = old
+        """Runtime settings (models, input, output folders) pointed at this environment, CPU fp32."""
+        with runtime.settings_override(models_dir=self.models, input_dir=self.input, output_dir=output,
+                                       device="cpu", dtype="fp32"):
+            yield
 
 
 _ENV: TinyEnv | None = None

@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from glass_diffusion.nodes import cli, progress
+from glass_diffusion.nodes import image as image_nodes
 from glass_diffusion.nodes.example_workflows import PACK_ID, WORKFLOWS, build
-from glass_diffusion.nodes.executor import NodeExecutionError, run_workflow
+from glass_diffusion.nodes.executor import Executor, NodeExecutionError, run_workflow
 from glass_diffusion.nodes.registry import NODE_CLASS_MAPPINGS
 from glass_diffusion.nodes.workflow import convert_ui_to_api, load_workflow
 
@@ -165,8 +166,6 @@ def test_console_script_runs_a_workflow(tmp_path_factory, tmp_path):
     assert [p.name for p in saved_pngs(tmp_path)] == ["img2img_00001_.png"]
 
 
-@pytest.mark.xfail(strict=False, reason="needs the executor to run output nodes after every other node, so a "
-                                        "later failure cannot leave an earlier save's file behind")
 def test_failing_run_leaves_no_file_from_an_earlier_save(tmp_path_factory):
     env = tiny_env(tmp_path_factory)
     out = env.output("late_failure")
@@ -174,3 +173,81 @@ def test_failing_run_leaves_no_file_from_an_earlier_save(tmp_path_factory):
     with env.settings(out), pytest.raises(NodeExecutionError, match="stop_at_clip_layer"):
         run_workflow(WORKFLOWS_DIR / "clip_skip.json", overrides=bad)
     assert saved_pngs(out) == [] and leftovers(out) == []
+
+
+def test_failing_second_save_leaves_no_file_from_the_first(tmp_path_factory):
+    """Save (-1) (node 8) stages its file, then Save (-2) (node 14) fails: the run writes nothing at all."""
+    env = tiny_env(tmp_path_factory)
+    out = env.output("second_save_fails")
+    bad = {**TINY_OVERRIDES["clip_skip"], "Save (-2).filename_prefix": "../outside"}
+    ex = Executor()
+    with env.settings(out), pytest.raises(NodeExecutionError, match="filename_prefix") as info:
+        run_workflow(WORKFLOWS_DIR / "clip_skip.json", overrides=bad, executor=ex)
+    assert info.value.node_id == "14" and "8" in info.value.partial.executed
+    assert info.value.partial.ui == {}  # no names of files that were never written
+    assert saved_pngs(out) == [] and leftovers(out) == [] and list(out.parent.glob("outside*")) == []
+    # the same executor saves again on the next (good) run: the rolled-back save was not cached
+    with env.settings(out):
+        result = run_workflow(WORKFLOWS_DIR / "clip_skip.json", overrides=TINY_OVERRIDES["clip_skip"], executor=ex)
+    assert [p.name for p in saved_pngs(out)] == ["clipskip1_00001_.png", "clipskip2_00001_.png"]
+    assert {"8", "14"} <= set(result.executed)
+
+
+def test_cancel_after_the_first_save_leaves_no_file(tmp_path_factory, monkeypatch):
+    """Ctrl-C while the first of two saves runs: the second never starts and the first's file never appears."""
+    env = tiny_env(tmp_path_factory)
+    out = env.output("cancel_between_saves")
+    real = image_nodes.save_images
+
+    def save_then_cancel(*args, **kwargs):
+        results = real(*args, **kwargs)
+        assert leftovers(out), "the save wrote no temp file"
+        progress.request_cancel()
+        return results
+
+    monkeypatch.setattr(image_nodes, "save_images", save_then_cancel)
+    try:
+        with env.settings(out), pytest.raises(progress.Interrupted):
+            run_workflow(WORKFLOWS_DIR / "clip_skip.json", overrides=TINY_OVERRIDES["clip_skip"])
+    finally:
+        progress.clear_cancel()
+    assert saved_pngs(out) == [] and leftovers(out) == []
+
+
+def test_saving_twice_never_overwrites_and_a_run_leaves_exactly_its_files(tmp_path_factory):
+    env = tiny_env(tmp_path_factory)
+    out = env.output("twice")
+    (out / "notes.txt").write_text("mine")
+    names, contents = [], {}
+    for seed in (1, 2):
+        with env.settings(out):
+            result = run_workflow(WORKFLOWS_DIR / "clip_skip.json",
+                                  overrides={**TINY_OVERRIDES["clip_skip"], "Sampler (-1).seed": seed})
+        reported = [item["filename"] for ui in result.ui.values() for item in ui["images"]]
+        names += reported
+        assert sorted(p.name for p in out.iterdir()) == sorted(names + ["notes.txt"])  # exactly its files
+        for name in names:
+            contents.setdefault(name, (out / name).read_bytes())
+            assert (out / name).read_bytes() == contents[name]  # the first run's files are untouched
+    assert sorted(names) == ["clipskip1_00001_.png", "clipskip1_00002_.png",
+                             "clipskip2_00001_.png", "clipskip2_00002_.png"]
+    assert contents["clipskip1_00001_.png"] != contents["clipskip1_00002_.png"]
+    assert leftovers(out) == []
+
+
+def test_cli_input_folder(tmp_path_factory, tmp_path, capsys):
+    """--input names the folder image loaders read (validate and run); without it, the settings' folder."""
+    env = tiny_env(tmp_path_factory)
+    wf = str(WORKFLOWS_DIR / "image_to_image.json")
+    sets = [x for k, v in TINY_OVERRIDES["image_to_image"].items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["validate", wf, "--models", str(env.models), "--input", str(env.input)]) == cli.OK
+    assert cli.main(["validate", wf, "--models", str(env.models), "--input", str(empty)]) == cli.INVALID
+    assert "no such image file" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert cli.main(["run", wf, "--models", str(env.models), "--input", str(empty), "--output", str(out),
+                     "--device", "cpu", *sets]) == cli.INVALID
+    assert cli.main(["run", wf, "--models", str(env.models), "--input", str(env.input), "--output", str(out),
+                     "--device", "cpu", *sets]) == cli.OK
+    assert [p.name for p in saved_pngs(out)] == ["img2img_00001_.png"]
