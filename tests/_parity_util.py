@@ -21,17 +21,27 @@ LOCK_FILE = "/tmp/glass_fullsize.lock"
 LOCK_HELD_ENV = "GLASS_FULLSIZE_LOCK_HELD"  # set when the caller already runs under `flock LOCK_FILE`
 
 
+_lock_depth = 0  # re-entrant within this process: a nested user (another fixture) must not deadlock on our fd
+
+
 @contextmanager
 def fullsize_lock():
     """Only one process on this machine builds full-size SD 1.5 networks at a time."""
-    if os.environ.get(LOCK_HELD_ENV):
-        yield
-        return
-    with open(LOCK_FILE, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    global _lock_depth
+    if os.environ.get(LOCK_HELD_ENV) or _lock_depth:
+        _lock_depth += 1
         try:
             yield
         finally:
+            _lock_depth -= 1
+        return
+    with open(LOCK_FILE, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        _lock_depth = 1
+        try:
+            yield
+        finally:
+            _lock_depth = 0
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

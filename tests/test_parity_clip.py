@@ -7,7 +7,7 @@ from _parity_util import SD15_HF_CLIP, hf_clip, hf_clip_config_for, max_rel_err,
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["tiny", "full"])
+@pytest.fixture(scope="module", params=["tiny", pytest.param("full", marks=pytest.mark.fullsize)])
 def case(request):
     sd = request.getfixturevalue("tiny_sd" if request.param == "tiny" else "sd15_full")
     hf_config = SD15_HF_CLIP if request.param == "full" else hf_clip_config_for(sd.config)

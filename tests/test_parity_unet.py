@@ -12,7 +12,7 @@ PREFIX = "model.diffusion_model."
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["tiny", "full"])
+@pytest.fixture(scope="module", params=["tiny", pytest.param("full", marks=pytest.mark.fullsize)])
 def case(request):
     sd = request.getfixturevalue("tiny_sd" if request.param == "tiny" else "sd15_full")
     original = v1_inference_config if request.param == "full" else (lambda c: ldm_config_for(replace(

@@ -7,7 +7,7 @@ from _parity_util import diffusers_vae, ldm_config_for, max_rel_err, read_tensor
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["tiny", "full"])
+@pytest.fixture(scope="module", params=["tiny", pytest.param("full", marks=pytest.mark.fullsize)])
 def case(request):
     sd = request.getfixturevalue("tiny_sd" if request.param == "tiny" else "sd15_full")
     original = v1_inference_config() if request.param == "full" else ldm_config_for(sd.config)
