@@ -133,7 +133,7 @@ class CLIPTextModel(nn.Module):
         z = tm.final_layer_norm(hidden[layer])  # clip skip: layer -1 is the last layer
         last = z if layer == -1 else tm.final_layer_norm(x)  # (B, T, D)
         # first end token per row (argmax returns the first maximum); rows without one use the last position
-        is_eos = (input_ids == cfg.eos_token_id)
-        eos_pos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(is_eos[:, 0], T - 1, dtype=torch.long))
+        is_eos = input_ids == cfg.eos_token_id  # (B, T)
+        eos_pos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), T - 1)  # (B,)
         pooled = last[torch.arange(B, device=last.device), eos_pos]  # (B, T, D) -> (B, D)
         return CLIPOutput(z, pooled, tuple(hidden) if output_hidden_states else None)

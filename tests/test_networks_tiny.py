@@ -68,6 +68,13 @@ def test_clip_outputs_and_clip_skip(clip):
 
 
 @torch.no_grad()
+def test_clip_pooled_without_end_token_uses_last_position(clip):
+    ids = torch.randint(0, 990, (1, 9))
+    out = clip(ids)
+    torch.testing.assert_close(out.pooled[0], out.z[0, -1])
+
+
+@torch.no_grad()
 def test_clip_is_causal_and_length_flexible(clip):
     ids = tokens(B=1)
     full = clip(ids).z
