@@ -1,7 +1,5 @@
 """Helpers for the checkpoint tests: tiny random models and raw checkpoint files with chosen quirks."""
-import contextlib
 import functools
-import fcntl
 from pathlib import Path
 
 import torch
@@ -10,7 +8,6 @@ from safetensors.torch import save_file
 from glass_diffusion.sd_core.model import SDConfig, StableDiffusion
 
 DATA = Path(__file__).parent / "data"
-FULLSIZE_LOCK = "/tmp/glass_fullsize.lock"
 
 
 def tiny_model(seed: int = 0, inpainting: bool = False) -> StableDiffusion:
@@ -54,12 +51,6 @@ def read_tsv(path: Path = DATA / "sd15_checkpoint_keys.tsv") -> dict:
     return rows
 
 
-@contextlib.contextmanager
-def fullsize_lock():
-    """Only one process at a time may build full-size SD 1.5 networks on this machine."""
-    with open(FULLSIZE_LOCK, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+# One re-entrant lock for every full-size test (a second, non-re-entrant one could deadlock a run
+# that takes it while the parity fixture holds it).
+from _parity_util import fullsize_lock  # noqa: E402,F401
