@@ -20,6 +20,8 @@ CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 INPAINT_CHECKPOINT = "sd-v1-5-inpainting.safetensors"
 INPUT_IMAGE = "example.png"
 WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
+# Top-left node body at the default view: clear of the editor's tab bar and side bar, title bar included.
+ORIGIN = (100, 100)
 
 
 class Graph:
@@ -83,7 +85,7 @@ class Graph:
             row = column.get(col, 0)
             column[col] = row + 1
             node = {
-                "id": n.id, "type": n.type, "pos": [40 + 360 * col, 40 + 300 * row], "size": [320, 200],
+                "id": n.id, "type": n.type, "pos": [ORIGIN[0] + 360 * col, ORIGIN[1] + 340 * row], "size": [320, 200],
                 "flags": {}, "order": order[n.id], "mode": 0,
                 "inputs": [{"name": s.name, "type": s.type_name, "link": in_links.get((n.id, s.name))}
                            for s in sockets],

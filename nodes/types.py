@@ -29,6 +29,12 @@ class NodeInputError(ValueError):
         self.node, self.input_name = node, input_name
 
 
+def _describe(module: torch.nn.Module) -> str:
+    """Device and dtype of a module's weights, for short reprs."""
+    p = next(module.parameters(), None)
+    return "no weights" if p is None else f"{p.device.type} {str(p.dtype).removeprefix('torch.')}"
+
+
 @dataclass
 class GlassUNet:
     """The denoising UNet of a checkpoint with its noise schedule (GLASS_UNET)."""
@@ -36,6 +42,9 @@ class GlassUNet:
     model_sampling: Any               # sd_core.schedules.ModelSampling
     scaling_factor: float = 0.18215   # latent scale applied when sampling starts / undone at the end
     source: str = ""                  # file it came from (for messages)
+
+    def __repr__(self) -> str:  # ComfyUI puts str(input) in error reports: never the whole module tree
+        return f"GlassUNet({self.source or 'unnamed'}, {self.in_channels}-channel, {_describe(self.model)})"
 
     @property
     def in_channels(self) -> int:
@@ -64,6 +73,9 @@ class GlassCLIP:
     embeddings_dir: Optional[str] = None
     source: str = ""
 
+    def __repr__(self) -> str:
+        return f"GlassCLIP({self.source or 'unnamed'}, clip_skip={self.clip_skip}, {_describe(self.model)})"
+
     def with_clip_skip(self, clip_skip: int) -> "GlassCLIP":
         """A copy with another clip skip; the weights are shared, not copied."""
         return dataclasses.replace(self, clip_skip=clip_skip)
@@ -75,6 +87,9 @@ class GlassVAE:
     model: torch.nn.Module            # sd_core.vae.AutoencoderKL
     downscale: int = 8
     source: str = ""
+
+    def __repr__(self) -> str:
+        return f"GlassVAE({self.source or 'unnamed'}, {_describe(self.model)})"
 
     @property
     def device(self) -> torch.device:

@@ -59,6 +59,17 @@ def test_checkpoint_loader_gives_our_types(models, out):
     assert unet9.is_inpaint
 
 
+def test_model_objects_have_short_reprs(models):
+    """ComfyUI writes str(input) of a failing node into the error it sends to the browser and keeps in the history:
+    a GLASS_UNET once printed its whole module tree there (37 kB for SD 1.5)."""
+    texts = {name: str(obj) for name, obj in (("unet", models.unet), ("clip", models.clip), ("vae", models.vae))}
+    assert texts["unet"] == f"GlassUNet({CHECKPOINT}, 4-channel, cpu float32)"
+    assert texts["clip"] == f"GlassCLIP({CHECKPOINT}, clip_skip=-1, cpu float32)"
+    assert texts["vae"] == f"GlassVAE({CHECKPOINT}, cpu float32)"
+    assert str(models.clip.with_clip_skip(-2)).startswith("GlassCLIP(") and "clip_skip=-2" in str(models.clip.with_clip_skip(-2))
+    assert repr([models.unet]) == f"[{texts['unet']}]"
+
+
 def test_loaders_name_node_and_input_on_errors(out):
     with pytest.raises(NodeInputError, match="GlassCheckpointLoader: input 'ckpt_name'.*missing.safetensors"):
         call("GlassCheckpointLoader", ckpt_name="missing.safetensors", weight_dtype="auto")
