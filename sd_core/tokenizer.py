@@ -1,32 +1,53 @@
 """CLIP byte-level BPE tokenizer (the one SD 1.x prompts go through) and where to find its vocabulary.
 
 Why the `tokenizers` library and not a hand-written BPE: it is a runtime dependency ComfyUI already ships,
-it is fast (Rust), and the reference tokenizer (transformers 5.x `CLIPTokenizer`, which ComfyUI's
-`sd1_clip.SDTokenizer` calls) is itself a `tokenizers` pipeline. Building the same pipeline stages gives
-identical ids by construction, including the unicode classes of the split pattern, which Python's `re`
+it is fast (Rust), and running CLIP's split pattern through it gives the unicode classes Python's `re`
 cannot express. The stages (all facts about CLIP's tokenizer, checked by tests/test_text_tokenizer.py):
 
-1. clean-up: Unicode NFC, every run of whitespace (spaces, tabs, newlines) becomes one space, lower case.
-   This is transformers 5.x behaviour. Older setups differ, and ComfyUI inherits whatever transformers
-   the user has: transformers 4.x with `ftfy` ran ftfy.fix_text (which also repairs mojibake);
-   4.x without ftfy used BERT's BasicTokenizer (drops control characters, puts spaces around CJK
-   ideographs so each becomes its own word). OpenAI's original tokenizer also unescapes HTML entities
-   (`&amp;` -> `&`, twice) and strips the text; transformers does not, so by default neither do we.
-   `html_unescape=True` gives OpenAI's entity clean-up.
+1. clean-up, two flavours (`CLIPTokenizer(clean=...)`):
+   - "comfyui" (default): what ComfyUI 0.8 does. ComfyUI 0.8 runs on transformers 4.x (it does not work
+     with 5.x) and calls the SLOW `transformers.CLIPTokenizer`; ComfyUI does not ship `ftfy`, so that
+     tokenizer cleans text with BERT's BasicTokenizer (strip_accents=False, no punctuation split):
+     NUL, U+FFFD and every character of a "C*" category except tab / newline / carriage return are
+     dropped (control and format characters: \x07, zero-width space, soft hyphen, ...); tab, newline,
+     carriage return and "Zs" spaces become spaces; every CJK ideograph gets a space on each side (so
+     each ideograph is its own word and ends in `</w>`); then NFC, split on whitespace, Python's
+     `str.lower()`, joined with single spaces. Done in Python with `unicodedata` (`comfyui_clean`), not
+     with `tokenizers.normalizers.BertNormalizer`: the Rust normalizer lower-cases without Python's
+     final-sigma rule ("ΑΣ" -> "ασ", Python "ας"), keeps unassigned code points that Python drops,
+     and its CJK ranges and Unicode tables differ from Python's (U+2B820..U+2B91F get no spaces, format
+     characters newer than its tables are kept). Python's own tables are what the slow tokenizer uses,
+     in the same interpreter.
+     Typed special tokens follow the slow tokenizer too: `<|startoftext|>` / `<|endoftext|>` exactly as
+     typed are the tokens; a spelling that becomes one only after clean-up (`<|ENDOFTEXT|>`) is the token
+     where CLIP's split pattern yields it as one piece (after a space, letters or a digit; not after
+     other punctuation: `!!<|ENDOFTEXT|>` stays text).
+   - "transformers": transformers 5.x's fast CLIPTokenizer: NFC, every run of whitespace becomes one
+     space, lower case (Rust); control characters are kept (as bytes) and CJK text is not spaced; only
+     the exact special-token spellings are special.
+   Other setups differ again: transformers 4.x with `ftfy` installed runs ftfy.fix_text (which also
+   repairs mojibake). OpenAI's original tokenizer also unescapes HTML entities (`&amp;` -> `&`, twice)
+   and strips the text; transformers does not, so by default neither do we. `html_unescape=True` adds
+   OpenAI's entity clean-up before either flavour.
 2. split: `<|startoftext|>`, `<|endoftext|>`, the contractions 's 't 're 've 'm 'll 'd, runs of letters,
-   single digits, runs of anything else that is not whitespace; whitespace is dropped.
+   single digits, runs of anything else that is not whitespace; whitespace is dropped. (The slow
+   tokenizer matches this case-insensitively; on lower-cased text that differs only for U+017F and
+   U+0345: SPLIT_PATTERN_SLOW.)
 3. each piece as UTF-8 bytes, each byte shown as one printable character (GPT-2's byte alphabet).
 4. BPE merges, applied by rank; the last symbol of every piece carries the `</w>` word-end marker.
-5. `<|startoftext|>` / `<|endoftext|>` typed in the text are the special tokens themselves.
+5. `<|startoftext|>` / `<|endoftext|>` typed in the text are the special tokens themselves (see 1).
 
 Vocabulary files are third-party data: never committed and never downloaded. `find_vocabulary` looks for
 them on this machine (see its docstring).
 """
+import functools
 import gzip
 import html
 import importlib.util
 import json
 import os
+import re
+import unicodedata
 from pathlib import Path
 from typing import Optional, Union
 
@@ -39,8 +60,52 @@ OPENAI_MERGE_COUNT = 49408 - 512 - 2
 
 # CLIP's pre-tokenizer pattern (onig syntax, as the tokenizers library runs it)
 SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# The slow tokenizer runs the same pattern case-insensitively (Python `regex`, IGNORECASE). On lower-cased
+# text that changes two things: long s (U+017F) matches "s" (so "'\u017f" is one contraction piece), and
+# U+0345 (combining ypogegrammeni, which case-folds to a letter) matches neither the letter runs nor the
+# "anything else" runs, so it is dropped.
+SPLIT_PATTERN_SLOW = (r"""<\|[s\x{17f}]tartoftext\|>|<\|endoftext\|>|'[s\x{17f}]|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"""
+                      r"""[\p{N}]|[^\s\p{L}\p{N}\x{345}]+""")
 
 PathLike = Union[str, os.PathLike]
+CLEAN_MODES = ("comfyui", "transformers")
+
+# CJK ideograph ranges that BERT's clean-up puts spaces around (unified ideographs and extensions A-F,
+# compatibility ideographs and their supplement); kana, hangul and CJK punctuation are not in them
+CJK_IDEOGRAPHS = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+                  (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+_SPECIAL_SPLIT = re.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
+
+
+@functools.lru_cache(maxsize=8192)
+def _clean_char(ch: str) -> str:
+    """One character of ComfyUI's clean-up (before NFC and lower-casing): dropped, a space, spaced or kept."""
+    if ch in "\t\n\r":
+        return " "
+    if ch == "\x00" or ch == "\ufffd":
+        return ""
+    cat = unicodedata.category(ch)
+    if cat[0] == "C":  # control, format, surrogate, private use, unassigned
+        return ""
+    if cat == "Zs":
+        return " "
+    cp = ord(ch)
+    if any(lo <= cp <= hi for lo, hi in CJK_IDEOGRAPHS):
+        return f" {ch} "
+    return ch
+
+
+def comfyui_clean(text: str) -> str:
+    """The clean-up ComfyUI 0.8 applies (slow transformers 4.x CLIPTokenizer without ftfy; module docstring)."""
+    if text.isascii():  # fast path: only the ASCII controls and whitespace rules apply
+        kept = text.translate(_ASCII_CLEAN)
+    else:
+        kept = "".join(_clean_char(ch) for ch in text)
+    words = unicodedata.normalize("NFC", kept).split()
+    return " ".join(w.lower() for w in words)
+
+
+_ASCII_CLEAN = {cp: _clean_char(chr(cp)) for cp in range(128) if _clean_char(chr(cp)) != chr(cp)}
 
 
 class VocabularyNotFoundError(FileNotFoundError):
@@ -190,10 +255,12 @@ class CLIPTokenizer:
     """Text -> CLIP token ids (no start/end tokens added; prompt packing adds them per window).
 
     `vocab`: a path accepted by `read_vocabulary`, or None to search with `find_vocabulary(model_dir=...)`.
+    `clean`: "comfyui" (ComfyUI 0.8 = slow transformers 4.x tokenizer without ftfy) or "transformers"
+    (transformers 5.x fast tokenizer); see the module docstring. `html_unescape`: OpenAI's entity clean-up.
     """
 
     def __init__(self, vocab: Optional[PathLike] = None, *, model_dir: Optional[PathLike] = None,
-                 html_unescape: bool = False):
+                 clean: str = "comfyui", html_unescape: bool = False):
         from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
         from tokenizers.models import BPE
 
@@ -202,29 +269,70 @@ class CLIPTokenizer:
         for special in (BOS_TEXT, EOS_TEXT):
             if special not in self.vocab:
                 raise ValueError(f"{self.path}: vocabulary has no {special} token")
+        if clean not in CLEAN_MODES:
+            raise ValueError(f"clean must be one of {CLEAN_MODES}, not {clean!r}")
+        self.clean_mode = clean
         self.html_unescape = html_unescape
         tok = Tokenizer(BPE(vocab=self.vocab, merges=merges, end_of_word_suffix="</w>",
                             continuing_subword_prefix="", unk_token=EOS_TEXT, fuse_unk=False))
-        tok.normalizer = normalizers.Sequence([
-            normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),  # bytes -> printable alphabet
-        ])
-        # special tokens typed in the prompt are matched as typed, before clean-up (`<|ENDOFTEXT|>` is text)
+        if clean == "transformers":  # "comfyui" cleans in Python before the pipeline (comfyui_clean)
+            tok.normalizer = normalizers.Sequence([
+                normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        pattern = SPLIT_PATTERN if clean == "transformers" else SPLIT_PATTERN_SLOW
+        self._split = pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True)
+        # bytes -> printable alphabet. transformers 5.x's ByteLevel step also re-splits each piece with GPT-2's
+        # pattern (a no-op on SPLIT_PATTERN's pieces); the slow tokenizer does not, which matters for
+        # SPLIT_PATTERN_SLOW's "'\u017f" and "<|\u017ftartoftext|>" pieces
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=clean == "transformers")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([self._split, byte_level])
+        # special tokens typed in the prompt are matched as typed, before clean-up ("comfyui" splits them off
+        # in Python first, then also takes split pieces that spell them after clean-up: `_encode_cleaned`)
         tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in (BOS_TEXT, EOS_TEXT)])
         self._tok = tok
         self._id_to_token = {i: t for t, i in self.vocab.items()}
         self.bos_id = self.vocab[BOS_TEXT]
         self.eos_id = self.vocab[EOS_TEXT]
         self.pad_id = self.eos_id  # SD 1.x pads with the end token
+        self._special_ids = {BOS_TEXT: self.bos_id, EOS_TEXT: self.eos_id}
         self.vocab_size = len(self.vocab)
 
     def encode(self, text: str) -> list:
         """Token ids of `text`, without start or end token."""
         if self.html_unescape:  # OpenAI CLIP's clean-up: entities unescaped twice, then stripped
             text = html.unescape(html.unescape(text)).strip()
-        return self._tok.encode(text, add_special_tokens=False).ids
+        if self.clean_mode == "transformers":
+            return self._tok.encode(text, add_special_tokens=False).ids
+        ids = []
+        for chunk in _SPECIAL_SPLIT.split(text):  # special tokens as typed split the text first
+            if chunk in self._special_ids:
+                ids.append(self._special_ids[chunk])
+            elif chunk:
+                ids += self._encode_cleaned(comfyui_clean(chunk))
+        return ids
+
+    def _encode_cleaned(self, text: str) -> list:
+        """Ids of text already through `comfyui_clean`: a split piece spelling a special token is that token."""
+        if BOS_TEXT not in text and EOS_TEXT not in text:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        ids, run = [], []
+        for piece in [p for p, _ in self._split.pre_tokenize_str(text)] + [None]:
+            if piece is None or piece in self._special_ids:
+                if run:  # pieces never hold whitespace, so space-joined pieces split back into themselves
+                    ids += self._tok.encode(" ".join(run), add_special_tokens=False).ids
+                    run = []
+                if piece is not None:
+                    ids.append(self._special_ids[piece])
+            else:
+                run.append(piece)
+        return ids
+
+    def clean(self, text: str) -> str:
+        """`text` after this tokenizer's clean-up (HTML unescaping included when enabled), for inspection."""
+        if self.html_unescape:
+            text = html.unescape(html.unescape(text)).strip()
+        if self.clean_mode == "transformers":
+            return self._tok.normalizer.normalize_str(text)
+        return "".join(c if c in self._special_ids else comfyui_clean(c) for c in _SPECIAL_SPLIT.split(text))
 
     def tokens(self, text: str) -> list:
         """The BPE token strings of `text` (for inspection and error messages)."""
@@ -246,4 +354,4 @@ class CLIPTokenizer:
         return out.decode("utf-8", errors="replace").strip()
 
     def __repr__(self) -> str:
-        return f"CLIPTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+        return f"CLIPTokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, clean={self.clean_mode!r})"

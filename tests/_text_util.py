@@ -7,6 +7,7 @@ carries (installed --no-deps by .ci/run) without importing open_clip.
 """
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -64,6 +65,28 @@ def hf_ids(hf, text: str) -> list:
     return ids[1:-1]
 
 
+def basic_tokenizer():
+    """transformers' BERT BasicTokenizer as transformers 4.x's slow CLIPTokenizer builds it when `ftfy` is
+    missing (ComfyUI 0.8's case): accents kept, no punctuation split; lower case and CJK spacing on (the
+    defaults). transformers 5.x still has it, in tokenization_bert_legacy."""
+    from transformers.models.bert.tokenization_bert_legacy import BasicTokenizer
+
+    return BasicTokenizer(strip_accents=False, do_split_on_punc=False)
+
+
+def comfyui_reference_ids(hf, basic, text: str) -> list:
+    """Ids ComfyUI 0.8 gets from transformers 4.x's slow CLIPTokenizer without ftfy, rebuilt from
+    transformers 5.x parts: the slow tokenizer first splits the text at the special tokens as typed, cleans
+    each other part with `" ".join(basic.tokenize(part))`, then runs CLIP's split pattern and BPE on it,
+    which is what `hf` (the fast tokenizer) does to that cleaned text. Corners not rebuilt (pinned with
+    measured ids in test_text_tokenizer.py instead, so the corpus avoids them): a special token spelled only
+    after clean-up (`<|ENDOFTEXT|>`) right after other punctuation, which the fast tokenizer takes as the
+    token and the slow one does not; and the slow tokenizer's case-insensitive split ("'\u017f", U+0345)."""
+    parts = re.split(r"(<\|startoftext\|>|<\|endoftext\|>)", text)
+    cleaned = [p if p in ("<|startoftext|>", "<|endoftext|>") else " ".join(basic.tokenize(p)) for p in parts]
+    return hf_ids(hf, " ".join(cleaned))
+
+
 def make_small_vocab(n_merges: int = SMALL_MERGES) -> None:
     """Learn `n_merges` CLIP-style BPE merges (with </w> word ends) from the corpus; write SMALL_BPE."""
     from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
@@ -72,6 +95,7 @@ def make_small_vocab(n_merges: int = SMALL_MERGES) -> None:
     from glass_diffusion.sd_core.tokenizer import SPLIT_PATTERN
 
     tok = Tokenizer(BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    # (the vocabulary was learned with transformers 5.x's clean-up, before the default became ComfyUI's)
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
                                            normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([
