@@ -22,6 +22,12 @@ INPUT_IMAGE = "example.png"
 WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
 # Top-left node body at the default view: clear of the editor's tab bar and side bar, title bar included.
 ORIGIN = (100, 100)
+ROW_STEP = 340  # at least: title bar (30) + the tallest usual node body + a gap
+
+
+def _body_height(slot_rows: int, widget_rows: int, image_preview: bool) -> int:
+    """About how tall the editor draws a node's body: 20 px a socket row, 24 a widget, ~280 an image preview."""
+    return slot_rows * 20 + widget_rows * 24 + 10 + (280 if image_preview else 0)
 
 
 class Graph:
@@ -82,10 +88,12 @@ class Graph:
                         widgets.append("fixed")
             names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
             col = order[n.id] // 3
-            row = column.get(col, 0)
-            column[col] = row + 1
+            y = column.get(col, ORIGIN[1])
+            preview = any(s.options.get("image_upload") for s in specs.values())
+            body = _body_height(max(len(sockets), len(names)), len(widgets), preview)
+            column[col] = y + max(ROW_STEP, body + 70)
             node = {
-                "id": n.id, "type": n.type, "pos": [ORIGIN[0] + 360 * col, ORIGIN[1] + 340 * row], "size": [320, 200],
+                "id": n.id, "type": n.type, "pos": [ORIGIN[0] + 360 * col, y], "size": [320, max(200, body)],
                 "flags": {}, "order": order[n.id], "mode": 0,
                 "inputs": [{"name": s.name, "type": s.type_name, "link": in_links.get((n.id, s.name))}
                            for s in sockets],

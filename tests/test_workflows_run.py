@@ -62,15 +62,19 @@ def test_ui_format_names_the_pack(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_layout_is_readable_at_the_default_view(name):
     """In the real editor (frontend 1.35) a node at y=40 had its title bar under the tab bar and one at x=40 under
-    the side bar; a DenoiseSteps node (6 sockets + 6 widget rows) ran into the node below at 300 px per row."""
+    the side bar; a DenoiseSteps node (6 sockets + 6 widget rows) ran into the node below at 300 px per row, and so
+    did a LoadImage node once the editor showed the picture in it."""
     ui = _load(WORKFLOWS_DIR / f"{name}.json")
     assert ui["extra"]["ds"] == {"scale": 1.0, "offset": [0, 0]}
-    title_bar, tab_bar, side_bar, socket_row, widget_row, padding = 30, 40, 60, 20, 24, 10
+    title_bar, tab_bar, side_bar, socket_row, widget_row, padding, image_preview = 30, 40, 60, 20, 24, 10, 260
     for node in ui["nodes"]:
         x, y = node["pos"]
         assert x >= side_bar and y - title_bar >= tab_bar, (node["type"], node["pos"])
     for a in ui["nodes"]:
-        body = len(a["inputs"]) * socket_row + len(a["widgets_values"]) * widget_row + padding
+        body = max(len(a["inputs"]), len(a["outputs"])) * socket_row + len(a["widgets_values"]) * widget_row + padding
+        required = NODE_CLASS_MAPPINGS[a["type"]].INPUT_TYPES()["required"]
+        if any(len(spec) > 1 and spec[1].get("image_upload") for spec in required.values()):
+            body += image_preview
         for b in ui["nodes"]:
             if b is not a and b["pos"][0] == a["pos"][0] and b["pos"][1] > a["pos"][1]:
                 assert b["pos"][1] - title_bar - a["pos"][1] >= body, (a["type"], b["type"])
