@@ -13,7 +13,7 @@ CHECKPOINT = BUILTIN_DIR / "glass-tiny.safetensors"
 TOKENIZER_DIR = BUILTIN_DIR / "tokenizer"  # vocab.json + merges.txt (CLIP BPE format)
 MODEL_CARD = BUILTIN_DIR / "MODEL_CARD.md"
 RESOLUTION = 64  # native width and height in pixels (latent 8x8)
-DEFAULTS = {"width": 64, "height": 64, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal"}
+DEFAULTS = {"width": 64, "height": 64, "steps": 20, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal"}
 EXAMPLE_PROMPTS = (
     "a red circle in the center on a blue background",
     "a small yellow triangle at the top left on a black background",
