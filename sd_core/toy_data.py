@@ -9,7 +9,7 @@ e.g. "a small red circle at the top left on a blue background". A few colour-sha
 drawn (HELD_OUT); prompts naming them test whether the model composes what it has learnt.
 """
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 

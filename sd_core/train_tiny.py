@@ -1,6 +1,9 @@
 """Trains the built-in tiny model ("glass-tiny") from scratch on procedural scenes (sd_core/toy_data.py).
 
-    python -m glass_diffusion.sd_core.train_tiny --out WORK_DIR [--seed 0] [--threads 2]
+    python -m glass_diffusion.sd_core.train_tiny --out WORK_DIR [--seed 0] [--threads 1]
+
+The shipped model (sd_core/builtin/) is this command with all defaults and --seed 0: about 41 minutes on a
+busy 2-core CPU with one thread (VAE ~14 min, diffusion ~26 min). Use one thread on a shared machine.
 
 Stages, each resumable (re-run the same command: it continues from WORK_DIR's last saved state):
   1. tokenizer: a CLIP-BPE vocabulary (vocab.json + merges.txt) learnt from the caption grammar's words;
@@ -23,7 +26,6 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import toy_data
@@ -287,46 +289,6 @@ def export(cfg: SDConfig, vae, clip, unet, tok_dir: Path, out: Path) -> Path:
         for name in ("vocab.json", "merges.txt"):
             shutil.copyfile(tok_dir / name, dst / name)
     return ckpt
-
-
-# ----------------------------------------------------------------------------- quick sampler (evaluation)
-
-@torch.no_grad()
-def quick_sample(model: StableDiffusion, tok: GrammarTokenizer, prompts: List[str], seeds: List[int],
-                 steps: int = 20, cfg_scale: float = 5.0, resolution: int = 64, init_images=None,
-                 denoise: float = 1.0, mask=None) -> np.ndarray:
-    """Minimal Euler sampler with classifier-free guidance over the SD 1.x discrete schedule (used to
-    judge a model during and after training; the package's samplers are the real ones).
-    init_images uint8 [B, H, W, 3] + denoise < 1: img2img. mask [B, 1, h, w] latent mask (1 = repaint):
-    outside it the noised init latent is put back after every step. Returns uint8 [B, H, W, 3]."""
-    cfg = model.config
-    ac = sd1_alphas_cumprod()
-    sig_all = ((1 - ac) / ac).sqrt()  # sigma of each of the 1000 timesteps
-    total = max(steps, int(round(steps / denoise)))
-    ts = torch.linspace(999, 0, total)[-steps:]  # fractional timesteps, the last `steps` for img2img
-    log_s = sig_all.log()
-    sigmas = torch.cat([torch.exp(torch.lerp(log_s[ts.floor().long()], log_s[ts.ceil().long()], ts - ts.floor())),
-                        torch.zeros(1)])
-    B, h = len(prompts), resolution // 8
-    dtype = next(model.unet.parameters()).dtype
-    noise = torch.stack([torch.randn(4, h, h, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-    scale = cfg.vae.scaling_factor
-    if init_images is not None:
-        x0 = model.vae.encode(toy_data.to_tensor(init_images).to(dtype)).mode().float() * scale
-        x = x0 + noise * sigmas[0]
-    else:
-        x0, x = None, noise * sigmas[0]
-    ctx = model.clip(tok.ids(list(prompts) + [""] * B)).z.to(dtype)  # (2B, 77, D): cond then uncond
-    for i in range(steps):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        xin = (x / (s ** 2 + 1).sqrt()).repeat(2, 1, 1, 1).to(dtype)
-        eps_c, eps_u = model.unet(xin, ts[i].repeat(2 * B), ctx).float().chunk(2)
-        eps = eps_u + cfg_scale * (eps_c - eps_u)
-        x = x + (s_next - s) * eps  # Euler step along d = eps
-        if mask is not None:
-            x = mask * x + (1 - mask) * (x0 + noise * s_next)
-    img = model.vae.decode((x / scale).to(dtype)).float()  # (B, 3, H, W)
-    return ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def parse_args(argv=None):
