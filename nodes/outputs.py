@@ -100,6 +100,7 @@ class OutputTransaction:
         folder = Path(folder)
         fd, tmp = tempfile.mkstemp(prefix=".glass-", suffix=suffix + ".tmp", dir=folder)
         try:
+            os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; outputs get the usual umask-based mode
             with os.fdopen(fd, "wb") as f:
                 write(f)
         except BaseException:
@@ -166,3 +167,10 @@ def transaction() -> Iterator[OutputTransaction]:
         txn.rollback()
         raise
     txn.commit()
+
+
+def _new_file_mode() -> int:
+    """The mode open() would give a new file: 0666 minus the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

@@ -507,6 +507,7 @@ def _atomic_save_file(tensors: dict, path: Path, metadata: dict) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; the saved file gets the usual umask-based mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -515,6 +516,13 @@ def _atomic_save_file(tensors: dict, path: Path, metadata: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+def _new_file_mode() -> int:
+    """The mode open() would give a new file: 0666 minus the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
 
 def _few(keys: list) -> str:
     shown = ", ".join(keys[:_SHOW])

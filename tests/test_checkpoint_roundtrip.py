@@ -204,3 +204,12 @@ def test_load_straight_to_cuda(tmp_path, suffix):
     expected = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     for k, v in loaded.state_dict().items():
         assert v.dtype == expected[k].dtype and torch.equal(v.cpu(), expected[k]), k
+
+
+def test_saved_file_gets_the_usual_mode_not_the_temp_files_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tiny_model(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644

@@ -167,3 +167,15 @@ def test_a_failing_or_cancelled_run_writes_no_file(tmp_path, last):
     assert result.ui["2"] == {"files": [{"filename": "v5_00001_.png", "subfolder": "", "type": "output"}]}
     # an identical rerun comes from the cache and writes nothing new (as ComfyUI)
     assert ex.run(graph).executed == [] and len(_files(tmp_path)) == 2
+
+
+def test_committed_files_get_the_usual_mode_not_the_temp_files_0600(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        txn = outputs.OutputTransaction()
+        txn.stage(tmp_path, "a", 1, _write(b"one"), {})
+        (placed,) = txn.commit()
+    finally:
+        os.umask(old)
+    assert (placed.stat().st_mode & 0o777) == 0o644
