@@ -156,3 +156,15 @@ def test_inpainting_changes_only_the_masked_region(tiny):
     assert analyse(img)["background"] == "white"
     inside = analyse(img[32:, 32:])
     assert inside["colour"] == "blue", inside
+
+
+def test_builtin_command_writes_pngs(tiny, tmp_path):
+    from PIL import Image
+
+    from glass_diffusion.sd_core.builtin.__main__ import main
+    paths = main(["--out", str(tmp_path), "--scale", "1", "a large yellow circle in the center on a purple background"])
+    assert len(paths) == 1 and paths[0].suffix == ".png"
+    img = np.asarray(Image.open(paths[0]).convert("RGB"))
+    assert img.shape == (64, 64, 3)
+    got = analyse(img)
+    assert (got["colour"], got["row"], got["col"]) == ("yellow", 1, 1), got

@@ -26,14 +26,14 @@ def main(argv=None) -> list:
     from ..sampling import txt2img
 
     t0 = time.time()
-    torch.set_grad_enabled(False)
     model, tok = load(dtype=torch.float32)
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
     for i, prompt in enumerate(args.prompts or EXAMPLE_PROMPTS):
-        img = txt2img(model, tok, prompt, width=DEFAULTS["width"], height=DEFAULTS["height"], seed=args.seed + i,
-                      steps=args.steps, cfg=args.cfg, sampler_name=DEFAULTS["sampler_name"],
-                      scheduler=DEFAULTS["scheduler"])[0]
+        with torch.no_grad():
+            img = txt2img(model, tok, prompt, width=DEFAULTS["width"], height=DEFAULTS["height"],
+                          seed=args.seed + i, steps=args.steps, cfg=args.cfg, sampler_name=DEFAULTS["sampler_name"],
+                          scheduler=DEFAULTS["scheduler"])[0]
         pil = Image.fromarray((img.clamp(0, 1) * 255).round().byte().numpy())
         if args.scale > 1:
             pil = pil.resize((pil.width * args.scale, pil.height * args.scale), Image.NEAREST)
