@@ -1,7 +1,9 @@
 """Loader nodes: a single-file SD 1.x checkpoint (-> UNet, CLIP, VAE) and a standalone VAE.
 
 Files are listed from ComfyUI's models/checkpoints and models/vae inside ComfyUI, and from
-<models_dir>/checkpoints and <models_dir>/vae headless (nodes/paths.py).
+<models_dir>/checkpoints and <models_dir>/vae headless (nodes/paths.py). The checkpoint list always starts
+with the built-in model, "glass-tiny (built-in)" (sd_core/builtin), which ships inside the package and is the
+default: a workflow can run with no models folder at all.
 
 The CLIP vocabulary for a checkpoint is looked up, in order: a `<checkpoint stem>.tokenizer/` folder
 beside the file (vocab.json + merges.txt), a `tokenizer/` folder beside it (diffusers layout), then
@@ -31,6 +33,9 @@ def _resolve(node: str, input_name: str, kind: str, name: str) -> Path:
 
 def vocabulary_for(checkpoint: Path):
     """The explicit vocabulary beside a checkpoint, or None for the standard search."""
+    from ..sd_core import builtin
+    if checkpoint == builtin.CHECKPOINT:
+        return builtin.TOKENIZER_DIR
     for candidate in (checkpoint.with_name(checkpoint.stem + ".tokenizer"), checkpoint.parent / "tokenizer"):
         if (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file():
             return candidate
@@ -53,12 +58,29 @@ def make_tokenizer(node: str, checkpoint: Path, clip_config):
     return tokenizer
 
 
+def checkpoint_names() -> list[str]:
+    """The checkpoint loader's choices: the built-in model first, then the checkpoints folder's files."""
+    from ..sd_core import builtin
+    return [builtin.NAME] + [n for n in paths.list_files("checkpoints") if n != builtin.NAME]
+
+
+def checkpoint_path(node: str, ckpt_name: str) -> Path:
+    """The file behind a checkpoint choice: the shipped file for the built-in name, else the folder's file."""
+    from ..sd_core import builtin
+    if ckpt_name == builtin.NAME:
+        return builtin.CHECKPOINT
+    return _resolve(node, "ckpt_name", "checkpoints", ckpt_name)
+
+
 class GlassCheckpointLoader:
     @classmethod
     def INPUT_TYPES(cls):
+        from ..sd_core import builtin
         return {"required": {
-            "ckpt_name": (paths.list_files("checkpoints"), {"tooltip": "An SD 1.x single-file checkpoint "
-                          "(.safetensors preferred), from the checkpoints folder."}),
+            "ckpt_name": (checkpoint_names(), {"default": builtin.NAME, "tooltip": "An SD 1.x single-file "
+                          "checkpoint (.safetensors preferred) from the checkpoints folder, or the built-in "
+                          f"{builtin.NAME!r}: a tiny model that ships with Glass Diffusion, knows only simple "
+                          "shape prompts ('a red circle on a blue background') and works at 64x64."}),
             "weight_dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
         }}
 
@@ -72,19 +94,21 @@ class GlassCheckpointLoader:
     DESCRIPTION = "Loads an SD 1.x checkpoint into Glass Diffusion's own UNet, CLIP and VAE."
 
     def load(self, ckpt_name, weight_dtype="auto"):
+        from ..sd_core import builtin
         from ..sd_core.checkpoint import load_checkpoint
         from ..sd_core.schedules import ModelSampling
         node = "GlassCheckpointLoader"
         if weight_dtype not in DTYPE_CHOICES:
             raise NodeInputError(node, "weight_dtype", f"{weight_dtype!r} is not one of {DTYPE_CHOICES}")
-        path = _resolve(node, "ckpt_name", "checkpoints", ckpt_name)
+        path = checkpoint_path(node, ckpt_name)
         device, dtype = paths.device_and_dtype(weight_dtype)
         sd = load_checkpoint(path, device=device, dtype=dtype)
         tokenizer = make_tokenizer(node, path, sd.config.clip)
-        unet = GlassUNet(sd.unet, ModelSampling(), scaling_factor=sd.config.vae.scaling_factor, source=path.name)
-        clip = GlassCLIP(sd.clip, tokenizer, embeddings_dir=paths.embeddings_dir(), source=path.name)
+        source = ckpt_name if path == builtin.CHECKPOINT else path.name
+        unet = GlassUNet(sd.unet, ModelSampling(), scaling_factor=sd.config.vae.scaling_factor, source=source)
+        clip = GlassCLIP(sd.clip, tokenizer, embeddings_dir=paths.embeddings_dir(), source=source)
         vae_model = sd.vae.to(paths.vae_dtype(weight_dtype, dtype))
-        vae = GlassVAE(vae_model, source=path.name)
+        vae = GlassVAE(vae_model, source=source)
         return (unet, clip, vae)
 
 

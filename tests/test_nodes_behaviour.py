@@ -59,6 +59,27 @@ def test_checkpoint_loader_gives_our_types(models, out):
     assert unet9.is_inpaint
 
 
+def test_checkpoint_loader_lists_the_builtin_model_first_and_loads_it(env, tmp_path):
+    """The built-in model is the first choice and the default, with or without a models folder, and loads with
+    its own vocabulary (595 tokens, not the standard 49408)."""
+    from glass_diffusion.sd_core import builtin
+    from glass_diffusion.nodes import runtime
+    loader = N["GlassCheckpointLoader"]
+    with env.settings(tmp_path):
+        names, options = loader.INPUT_TYPES()["required"]["ckpt_name"]
+        assert names[0] == builtin.NAME == "glass-tiny (built-in)" and options["default"] == builtin.NAME
+        assert CHECKPOINT in names and names.count(builtin.NAME) == 1
+    with runtime.settings_override(models_dir=tmp_path / "no_models", device="cpu", dtype="fp32"):
+        assert loader.INPUT_TYPES()["required"]["ckpt_name"][0] == [builtin.NAME]
+        unet, clip, vae = call("GlassCheckpointLoader", ckpt_name=builtin.NAME, weight_dtype="auto")
+        assert not unet.is_inpaint and unet.scaling_factor == pytest.approx(0.55109, abs=1e-4)
+        assert clip.tokenizer.vocab_size == clip.model.config.vocab_size == 595
+        assert clip.tokenizer.encode("circle") == [clip.tokenizer.encode("a circle")[1]]  # a grammar word, 1 token
+        assert "glass-tiny (built-in)" in str(unet)
+        with pytest.raises(NodeInputError, match="glass-tiny.safetensors"):  # the file is not a folder name
+            call("GlassCheckpointLoader", ckpt_name="glass-tiny.safetensors", weight_dtype="auto")
+
+
 def test_model_objects_have_short_reprs(models):
     """ComfyUI writes str(input) of a failing node into the error it sends to the browser and keeps in the history:
     a GLASS_UNET once printed its whole module tree there (37 kB for SD 1.5)."""

@@ -100,7 +100,8 @@ def test_import_is_cheap_and_builds_no_model(tmp_path):
 
 
 def test_loads_as_a_comfyui_custom_node_folder(tmp_path):
-    """ComfyUI imports the folder under its own name, with its own folder_paths / comfy modules around."""
+    """ComfyUI imports the folder under its own name, with its own folder_paths / comfy modules around; the
+    checkpoint loader lists the built-in model before ComfyUI's checkpoint files."""
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "mine.safetensors").write_bytes(b"")
     out = _run_python(f"""
@@ -125,7 +126,7 @@ def test_loads_as_a_comfyui_custom_node_folder(tmp_path):
         print(len(mod.NODE_CLASS_MAPPINGS), len(mod.NODE_DISPLAY_NAME_MAPPINGS))
     """, tmp_path)
     lines = out.strip().splitlines()
-    assert lines[0] == "['mine.safetensors']"
+    assert lines[0] == "['glass-tiny (built-in)', 'mine.safetensors']"  # the built-in model first, then ComfyUI's
     assert lines[1] == f"{len(NODE_CLASS_MAPPINGS)} {len(NODE_CLASS_MAPPINGS)}"
 
 
