@@ -1,11 +1,15 @@
-"""``glass-diffusion``: run, validate and convert workflows, and list the nodes, without ComfyUI.
+"""``glass-diffusion``: make pictures, run, validate and convert workflows, and list the nodes, without ComfyUI.
 
+    glass-diffusion generate [PROMPT ...] [--seed N] [--steps N] [--cfg X] [--width W --height H]
+                             [--checkpoint NAME|PATH] [--models DIR] [--output DIR] [--device ...] [--dtype ...]
     glass-diffusion run WORKFLOW [--set NODE.INPUT=VALUE ...] [--models DIR] [--input DIR] [--output DIR]
                                  [--device auto|cpu|cuda] [--dtype auto|fp32|fp16|bf16]
     glass-diffusion validate WORKFLOW [--set ...] [--models DIR] [--input DIR]
     glass-diffusion convert WORKFLOW [-o OUT]
     glass-diffusion nodes [--json]
 
+`generate` runs the shipped text_to_image workflow once per prompt, on the built-in model "glass-tiny (built-in)"
+unless --checkpoint names another (a file in <models>/checkpoints, or a path), and prints the PNGs' paths.
 WORKFLOW is a JSON file (editor or API format) or a PNG written by a save node. NODE is a node id,
 a title, or a class_type used once. Exit codes: 0 done, 2 invalid graph or arguments, 1 failed run.
 The first Ctrl-C cancels at the next step; a second one stops at once. A run writes its files only when it
@@ -18,6 +22,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from . import progress, runtime
@@ -45,6 +50,24 @@ def _print_errors(errors) -> None:
 
 def _run(args, registry) -> int:
     overrides = _parse_sets(args.set)
+    results = []
+
+    def job():
+        with runtime.settings_override(models_dir=args.models, input_dir=args.input, output_dir=args.output,
+                                       device=args.device, dtype=args.dtype):
+            results.append(run_workflow(args.workflow, overrides, registry=registry, executor=Executor(registry)))
+
+    rc = _guarded(job)
+    if rc != OK:
+        return rc
+    result = results[0]
+    for nid, ui in result.ui.items():
+        print(json.dumps({"node": nid, "class_type": result.prompt[nid]["class_type"], "ui": ui}, default=str))
+    return OK
+
+
+def _guarded(job) -> int:
+    """Run job() with the two-step Ctrl-C handling; the exit code for how it ended."""
     previous = signal.getsignal(signal.SIGINT)
 
     def on_sigint(signum, frame):
@@ -57,9 +80,7 @@ def _run(args, registry) -> int:
     if main_thread:
         signal.signal(signal.SIGINT, on_sigint)
     try:
-        with runtime.settings_override(models_dir=args.models, input_dir=args.input, output_dir=args.output,
-                                       device=args.device, dtype=args.dtype):
-            result = run_workflow(args.workflow, overrides, registry=registry, executor=Executor(registry))
+        job()
     except GraphValidationError as e:
         _print_errors(e.errors)
         return INVALID
@@ -72,9 +93,73 @@ def _run(args, registry) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
-    for nid, ui in result.ui.items():
-        print(json.dumps({"node": nid, "class_type": result.prompt[nid]["class_type"], "ui": ui}, default=str))
     return OK
+
+
+GENERATE_WORKFLOW = "text_to_image"
+
+
+def _checkpoint_choice(value: str | None, models: str | None):
+    """(ckpt_name, models folder to use) for --checkpoint: the built-in model, a name in <models>/checkpoints,
+    or a path to a file (its folder then serves as the checkpoints folder, through a temporary models folder)."""
+    from ..sd_core import builtin
+    if value is None or builtin.is_builtin(value):
+        return builtin.NAME, models
+    path = Path(value).expanduser()
+    with runtime.settings_override(models_dir=models):
+        from . import paths
+        if paths.full_path("checkpoints", value) is not None:
+            return value, models
+    if not path.is_file():
+        raise ValueError(f"--checkpoint {value!r}: no such file, and no such name in the checkpoints folder")
+    import tempfile
+    tmp = Path(tempfile.mkdtemp(prefix="glass-diffusion-models-"))
+    (tmp / "checkpoints").symlink_to(path.resolve().parent, target_is_directory=True)
+    return path.name, tmp
+
+
+def _generate(args, registry) -> int:
+    from ..sd_core import builtin
+    from . import example_workflows, paths
+    ckpt_name, models = _checkpoint_choice(args.checkpoint, args.models)
+    tiny = ckpt_name == builtin.NAME
+    prompts = args.prompts or (list(builtin.EXAMPLE_PROMPTS) if tiny else [])
+    if not prompts:
+        print("error: give a prompt (the example prompts are for the built-in model only)", file=sys.stderr)
+        return INVALID
+    shipped = example_workflows.WORKFLOWS_DIR / "api" / f"{GENERATE_WORKFLOW}.json"
+    workflow = (json.loads(shipped.read_text(encoding="utf-8")) if shipped.is_file()
+                else example_workflows.build(GENERATE_WORKFLOW, registry).api())
+    size = builtin.RESOLUTION if tiny else 512  # the workflow's size suits the built-in model; SD 1.5 wants 512
+    overrides = {"Checkpoint.ckpt_name": ckpt_name, "Empty Latent.width": args.width or size,
+                 "Empty Latent.height": args.height or size}
+    for key, value in (("Sampler.seed", args.seed), ("Sampler.steps", args.steps),
+                       ("Sampler.cfg", args.cfg if args.cfg is not None or tiny else 7.5)):
+        if value is not None:
+            overrides[key] = value
+    written = []
+
+    def job():
+        executor = Executor(registry)  # one executor: the checkpoint is loaded once for all prompts
+        with runtime.settings_override(models_dir=models, output_dir=args.output, device=args.device,
+                                       dtype=args.dtype):
+            out_dir = paths.output_dir()
+            for prompt in prompts:
+                result = run_workflow(workflow, {**overrides, "Positive.text": prompt}, registry=registry,
+                                      executor=executor)
+                for ui in result.ui.values():
+                    for img in ui.get("images", []):
+                        if img.get("type") == "output":
+                            path = out_dir / img.get("subfolder", "") / img["filename"]
+                            written.append(path)
+                            print(path, flush=True)
+
+    t0 = time.perf_counter()
+    rc = _guarded(job)
+    if rc == OK:
+        print(f"{len(written)} picture{'s' * (len(written) != 1)} in {time.perf_counter() - t0:.1f} s "
+              f"({ckpt_name})", file=sys.stderr)
+    return rc
 
 
 def _validate(args, registry) -> int:
@@ -134,6 +219,24 @@ def _nodes(args, registry) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glass-diffusion", description="Run Glass Diffusion workflows headless.")
     sub = p.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="make pictures from prompts (built-in model by default)",
+                         description="Run the shipped text_to_image workflow once per prompt and print the PNG "
+                                     "paths. With no --checkpoint it uses the built-in model 'glass-tiny "
+                                     "(built-in)', which knows simple shape prompts such as 'a red circle in the "
+                                     "center on a blue background' and works at 64x64.")
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT",
+                     help="one picture per prompt (default: a few example prompts of the built-in model)")
+    gen.add_argument("--seed", type=int, default=None, help="noise seed for every prompt (default: the workflow's)")
+    gen.add_argument("--steps", type=int, default=None, help="sampling steps (default: the workflow's, 20)")
+    gen.add_argument("--cfg", type=float, default=None, help="guidance scale (default 3 for the built-in model, "
+                     "7.5 for others)")
+    gen.add_argument("--width", type=int, default=None, help="pixels (default 64 for the built-in model, 512 for others)")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--checkpoint", metavar="NAME|PATH", default=None,
+                     help="'glass-tiny (built-in)' (default), a file name in <models>/checkpoints, or a path")
+    gen.add_argument("--output", metavar="DIR", help="output folder (default $GLASS_DIFFUSION_OUTPUT or ./output)")
+    gen.add_argument("--device", choices=runtime.DEVICES, default=None)
+    gen.add_argument("--dtype", choices=runtime.DTYPES, default=None)
     run = sub.add_parser("run", help="run a workflow (JSON or PNG)")
     val = sub.add_parser("validate", help="check a workflow without running it")
     for sp in (run, val):
@@ -150,14 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("-o", "--output", dest="output_file", metavar="OUT", help="write here instead of stdout")
     nodes = sub.add_parser("nodes", help="list the node types with their inputs")
     nodes.add_argument("--json", action="store_true")
-    for sp in (run, val, nodes):
+    for sp in (gen, run, val, nodes):
         sp.add_argument("--models", metavar="DIR", help="models folder (default ./models); fills the file lists")
     return p
 
 
 def main(argv: list[str] | None = None, registry: dict | None = None) -> int:
     args = build_parser().parse_args(argv)  # exits 2 on bad arguments
-    handler = {"run": _run, "validate": _validate, "convert": _convert, "nodes": _nodes}[args.command]
+    handler = {"generate": _generate, "run": _run, "validate": _validate, "convert": _convert, "nodes": _nodes}[args.command]
     try:
         return handler(args, default_registry() if registry is None else registry)
     except (OSError, ValueError, KeyError) as e:  # unreadable file, bad JSON, bad --set

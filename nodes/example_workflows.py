@@ -7,16 +7,23 @@ The API twin is written straight from the description (not by converting the UI 
 check "convert(UI) == API twin" exercises the converter. Regenerate with
 ``python -m glass_diffusion.nodes.example_workflows`` (from outside the repo root, so that
 ``glass_diffusion`` is the installed package).
+
+Every workflow but inpaint_9channel runs on the built-in model "glass-tiny (built-in)" (sd_core/builtin), so it
+needs no downloaded file: 64x64 pixels, prompts from its toy grammar (sd_core/toy_data.py), cfg 3. For an
+SD 1.5 checkpoint, pick it in the loader and raise the sizes (512 px), cfg (7-8) and prompts to suit.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from ..sd_core import builtin
+
 PACK_ID = "glass-diffusion"          # the registry name (pyproject [project] name): ComfyUI-Manager's cnr_id
 PACK_REPO = "glass-diffusion/glass-diffusion"  # aux_id: the GitHub repository
 PACK_VERSION = "0.1.0"
-CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+BUILTIN = builtin.NAME              # the default checkpoint of the shipped workflows (ships with the package)
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # a user's SD 1.5 checkpoint (the tests write a tiny one by this name)
 INPAINT_CHECKPOINT = "sd-v1-5-inpainting.safetensors"
 INPUT_IMAGE = "example.png"
 WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
@@ -138,17 +145,21 @@ class _Out:
         self.node, self.slot = node, slot
 
 
-NEGATIVE = "blurry, low quality, watermark, text"
+SIZE = builtin.RESOLUTION  # 64: the built-in model's native size
+STEPS, CFG = builtin.DEFAULTS["steps"], builtin.DEFAULTS["cfg"]
+PROMPT = "a red circle in the center on a blue background"  # the built-in model's grammar (sd_core/toy_data.py)
+NEGATIVE = ""  # the built-in model learnt the empty prompt as its unconditional one
+SD15_NEGATIVE = "blurry, low quality, watermark, text"
 
 
-def _base(g: Graph, ckpt: str = CHECKPOINT, prompt: str = "a lighthouse on a rocky coast at sunset, oil painting"):
+def _base(g: Graph, ckpt: str = BUILTIN, prompt: str = PROMPT, negative: str = NEGATIVE):
     loader = g.add("GlassCheckpointLoader", "Checkpoint", ckpt_name=ckpt, weight_dtype="auto")
     pos = g.add("GlassTextEncode", "Positive", clip=loader[1], text=prompt, weighting="comfy")
-    neg = g.add("GlassTextEncode", "Negative", clip=loader[1], text=NEGATIVE, weighting="comfy")
+    neg = g.add("GlassTextEncode", "Negative", clip=loader[1], text=negative, weighting="comfy")
     return loader, pos, neg
 
 
-def _ksampler(g, title, loader, pos, neg, latent, seed=42, steps=20, cfg=7.5, denoise=1.0,
+def _ksampler(g, title, loader, pos, neg, latent, seed=42, steps=STEPS, cfg=CFG, denoise=1.0,
               sampler="euler", scheduler="normal"):
     return g.add("GlassKSampler", title, unet=loader[0], seed=seed, steps=steps, cfg=cfg, sampler_name=sampler,
                  scheduler=scheduler, positive=pos[0], negative=neg[0], latent_image=latent, denoise=denoise)
@@ -157,25 +168,25 @@ def _ksampler(g, title, loader, pos, neg, latent, seed=42, steps=20, cfg=7.5, de
 def text_to_image(g: Graph):
     """Prompt -> empty latent -> KSampler -> decode -> save."""
     loader, pos, neg = _base(g)
-    empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=1)
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=SIZE, height=SIZE, batch_size=1)
     ks = _ksampler(g, "Sampler", loader, pos, neg, empty[0])
     image = g.add("GlassVAEDecode", "Decode", samples=ks[0], vae=loader[2])
     g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="txt2img")
 
 
 def image_to_image(g: Graph):
-    """Load an image, encode it, re-noise to denoise 0.6 and sample it back."""
-    loader, pos, neg = _base(g, prompt="a watercolor painting of a harbour, soft light")
+    """Load an image (input folder, 64x64 for the built-in model), encode it, re-noise to denoise 0.7 and sample it back towards the prompt."""
+    loader, pos, neg = _base(g, prompt="a large green square in the center on a blue background")
     load = g.add("GlassLoadImage", "Load Image", image=INPUT_IMAGE)
     enc = g.add("GlassVAEEncode", "Encode", pixels=load[0], vae=loader[2])
-    ks = _ksampler(g, "Sampler", loader, pos, neg, enc[0], denoise=0.6)
+    ks = _ksampler(g, "Sampler", loader, pos, neg, enc[0], denoise=0.7)
     image = g.add("GlassVAEDecode", "Decode", samples=ks[0], vae=loader[2])
     g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="img2img")
 
 
 def inpaint_noise_mask(g: Graph):
     """Inpainting with an ordinary 4-channel model: the image's alpha becomes a noise mask; only the masked area is resampled."""
-    loader, pos, neg = _base(g, prompt="a red wooden door")
+    loader, pos, neg = _base(g, prompt="a large purple circle in the center")
     load = g.add("GlassLoadImage", "Load Image", image=INPUT_IMAGE)
     enc = g.add("GlassVAEEncode", "Encode", pixels=load[0], vae=loader[2])
     masked = g.add("GlassSetNoiseMask", "Noise Mask", samples=enc[0], mask=load[1])
@@ -185,45 +196,45 @@ def inpaint_noise_mask(g: Graph):
 
 
 def inpaint_9channel(g: Graph):
-    """Inpainting with a 9-channel inpainting checkpoint: masked pixels greyed, mask grown by 6 px (VAE Encode for Inpainting)."""
-    loader, pos, neg = _base(g, ckpt=INPAINT_CHECKPOINT, prompt="a red wooden door")
+    """Inpainting with a 9-channel inpainting checkpoint: masked pixels greyed, mask grown by 6 px (VAE Encode for Inpainting). Needs a 9-channel model such as sd-v1-5-inpainting.safetensors in models/checkpoints; the built-in model cannot run it."""
+    loader, pos, neg = _base(g, ckpt=INPAINT_CHECKPOINT, prompt="a red wooden door", negative=SD15_NEGATIVE)
     load = g.add("GlassLoadImage", "Load Image", image=INPUT_IMAGE)
     enc = g.add("GlassVAEEncodeForInpaint", "Encode for Inpainting", pixels=load[0], vae=loader[2],
                 mask=load[1], grow_mask_by=6)
-    ks = _ksampler(g, "Sampler", loader, pos, neg, enc[0], denoise=1.0)
+    ks = _ksampler(g, "Sampler", loader, pos, neg, enc[0], cfg=7.5, denoise=1.0)
     image = g.add("GlassVAEDecode", "Decode", samples=ks[0], vae=loader[2])
     g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="inpaint_9ch")
 
 
 def hires_fix(g: Graph):
-    """Two-stage hires fix: 512 px pass, latent upscale to 768 px, second pass at denoise 0.5, tiled decode."""
+    """Two-stage hires fix: 64 px pass, latent upscale to 128 px, second pass at denoise 0.5, tiled decode (for SD 1.5: 512 -> 768 px)."""
     loader, pos, neg = _base(g)
-    empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=1)
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=SIZE, height=SIZE, batch_size=1)
     first = _ksampler(g, "First Pass", loader, pos, neg, empty[0])
     up = g.add("GlassLatentUpscale", "Upscale", samples=first[0], upscale_method="nearest-exact",
-               width=768, height=768, crop="disabled")
+               width=2 * SIZE, height=2 * SIZE, crop="disabled")
     second = _ksampler(g, "Second Pass", loader, pos, neg, up[0], seed=43, denoise=0.5)
-    image = g.add("GlassVAEDecodeTiled", "Decode", samples=second[0], vae=loader[2], tile_size=512, overlap=64)
+    image = g.add("GlassVAEDecodeTiled", "Decode", samples=second[0], vae=loader[2], tile_size=64, overlap=32)
     g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="hires")
 
 
 def step_by_step(g: Graph):
     """One 12-step karras schedule split over three Denoise Steps nodes; each stage's x0 estimate is decoded and saved, plus a UNet Predict of the stage-1 latent."""
-    loader, pos, neg = _base(g)
-    empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=1)
+    loader, pos, neg = _base(g, prompt="a large yellow circle at the top left on a black background")
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=SIZE, height=SIZE, batch_size=1)
     sched = g.add("GlassScheduler", "Schedule", unet=loader[0], scheduler="karras", steps=12, denoise=1.0)
     sampler = g.add("GlassSamplerSelect", "Sampler Choice", sampler_name="euler")
     latent, stages = empty[0], ((0, 4), (4, 8), (8, 12))
     for i, (start, end) in enumerate(stages, 1):
         steps = g.add("GlassDenoiseSteps", f"Steps {start}-{end}", unet=loader[0], positive=pos[0],
                       negative=neg[0], sampler=sampler[0], sigmas=sched[0], latent_image=latent,
-                      add_noise=(i == 1), noise_seed=42, cfg=7.5, start_step=start, end_step=end)
+                      add_noise=(i == 1), noise_seed=42, cfg=CFG, start_step=start, end_step=end)
         x0 = g.add("GlassVAEDecode", f"Decode x0 {i}", samples=steps[1], vae=loader[2])
         g.add("GlassSaveImage", f"Save x0 {i}", images=x0[0], filename_prefix=f"steps/stage{i}_x0")
         latent = steps[0]
         if i == 1:  # what the UNet predicts for the stage-1 latent at the sigma it stopped at
             predict = g.add("GlassUNetPredict", "UNet Predict", unet=loader[0], positive=pos[0], negative=neg[0],
-                            latent=steps[0], cfg=7.5, sigma=1.0, sigmas=sched[0], step=end)
+                            latent=steps[0], cfg=CFG, sigma=1.0, sigmas=sched[0], step=end)
             x0p = g.add("GlassVAEDecode", "Decode predicted x0", samples=predict[1], vae=loader[2])
             g.add("GlassPreviewImage", "Preview predicted x0", images=x0p[0])
     final = g.add("GlassVAEDecode", "Decode final", samples=latent, vae=loader[2])
@@ -232,10 +243,10 @@ def step_by_step(g: Graph):
 
 def prompt_weighting(g: Graph):
     """The same weighted prompt encoded with ComfyUI's and AUTOMATIC1111's weighting, sampled side by side with one seed."""
-    loader = g.add("GlassCheckpointLoader", "Checkpoint", ckpt_name=CHECKPOINT, weight_dtype="auto")
-    prompt = "a cottage in a (flower meadow:1.4), (blue sky), ((clouds))"
+    loader = g.add("GlassCheckpointLoader", "Checkpoint", ckpt_name=BUILTIN, weight_dtype="auto")
+    prompt = "a small (purple:1.4) triangle at the top ((on a green background))"
     neg = g.add("GlassTextEncode", "Negative", clip=loader[1], text=NEGATIVE, weighting="comfy")
-    empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=1)
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=SIZE, height=SIZE, batch_size=1)
     for mode in ("comfy", "a1111"):
         pos = g.add("GlassTextEncode", f"Positive ({mode})", clip=loader[1], text=prompt, weighting=mode)
         ks = _ksampler(g, f"Sampler ({mode})", loader, pos, neg, empty[0])
@@ -245,9 +256,9 @@ def prompt_weighting(g: Graph):
 
 def clip_skip(g: Graph):
     """The same prompt through the last CLIP layer and the penultimate one (clip skip 2), side by side."""
-    loader = g.add("GlassCheckpointLoader", "Checkpoint", ckpt_name=CHECKPOINT, weight_dtype="auto")
-    empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=1)
-    prompt = "portrait of an old fisherman, detailed, dramatic light"
+    loader = g.add("GlassCheckpointLoader", "Checkpoint", ckpt_name=BUILTIN, weight_dtype="auto")
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=SIZE, height=SIZE, batch_size=1)
+    prompt = "a large orange circle on the right on a white background"
     for layer in (-1, -2):
         clip = g.add("GlassClipSkip", f"Clip Skip {layer}", clip=loader[1], stop_at_clip_layer=layer)
         pos = g.add("GlassTextEncode", f"Positive ({layer})", clip=clip[0], text=prompt, weighting="comfy")
@@ -259,8 +270,8 @@ def clip_skip(g: Graph):
 
 def batch_of_seeds(g: Graph):
     """A batch of four latents from one seed (each gets its own noise), saved; one picked out of the batch and previewed."""
-    loader, pos, neg = _base(g)
-    empty = g.add("GlassEmptyLatent", "Empty Latent", width=512, height=512, batch_size=4)
+    loader, pos, neg = _base(g, prompt="a small red square at the bottom left on a yellow background")
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=SIZE, height=SIZE, batch_size=4)
     ks = _ksampler(g, "Sampler", loader, pos, neg, empty[0], seed=1234)
     image = g.add("GlassVAEDecode", "Decode", samples=ks[0], vae=loader[2])
     g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="batch")

@@ -1,5 +1,6 @@
 """The shipped workflows: UI -> API conversion equals each API twin, the files match their Python description,
-and every workflow runs headless (run_workflow and the CLI) on tiny checkpoints written by the real exporter."""
+every workflow runs headless (run_workflow and the CLI) on tiny checkpoints written by the real exporter, and every
+one but inpaint_9channel runs as shipped on the built-in model with no models folder (plus `glass-diffusion generate`)."""
 import json
 
 import numpy as np
@@ -8,7 +9,7 @@ from PIL import Image
 
 from glass_diffusion.nodes import cli, progress
 from glass_diffusion.nodes import image as image_nodes
-from glass_diffusion.nodes.example_workflows import PACK_ID, WORKFLOWS, build
+from glass_diffusion.nodes.example_workflows import CHECKPOINT, INPAINT_CHECKPOINT, PACK_ID, WORKFLOWS, build
 from glass_diffusion.nodes.executor import Executor, NodeExecutionError, run_workflow
 from glass_diffusion.nodes.registry import NODE_CLASS_MAPPINGS
 from glass_diffusion.nodes.workflow import convert_ui_to_api, load_workflow
@@ -272,3 +273,92 @@ def test_cli_input_folder(tmp_path_factory, tmp_path, capsys):
     assert cli.main(["run", wf, "--models", str(env.models), "--input", str(env.input), "--output", str(out),
                      "--device", "cpu", *sets]) == cli.OK
     assert [p.name for p in saved_pngs(out)] == ["img2img_00001_.png"]
+
+
+# ------------------------------------------------------------------------------- on the built-in model, as shipped
+
+BUILTIN_NAMES = [n for n in NAMES if n != "inpaint_9channel"]  # needs a 9-channel model, which does not ship
+
+
+@pytest.fixture(scope="module")
+def no_models(tmp_path_factory, request):
+    """Runtime settings with an EMPTY models folder (the built-in model needs none), the test input image."""
+    import contextlib
+
+    from glass_diffusion.nodes import runtime
+
+    env = tiny_env(tmp_path_factory)
+    models = tmp_path_factory.mktemp("empty_models")
+
+    @contextlib.contextmanager
+    def settings(out):
+        with runtime.settings_override(models_dir=models, input_dir=env.input, output_dir=out, device="cpu",
+                                       dtype="auto"):
+            yield
+    return settings
+
+
+def test_shipped_workflows_default_to_the_builtin_model():
+    from glass_diffusion.sd_core import builtin
+    for name in NAMES:
+        api = _load(WORKFLOWS_DIR / "api" / f"{name}.json")
+        loaders = [n["inputs"]["ckpt_name"] for n in api.values() if n["class_type"] == "GlassCheckpointLoader"]
+        assert loaders == ([INPAINT_CHECKPOINT] if name == "inpaint_9channel" else [builtin.NAME]), name
+    assert "9-channel" in WORKFLOWS["inpaint_9channel"].__doc__ and INPAINT_CHECKPOINT in WORKFLOWS["inpaint_9channel"].__doc__
+
+
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
+def test_runs_on_the_builtin_model_with_no_models_folder(name, no_models, tmp_path):
+    """Each shipped workflow, unchanged (64 px, its own steps and cfg), on the built-in model."""
+    with no_models(tmp_path):
+        result = run_workflow(WORKFLOWS_DIR / f"{name}.json")
+    count, size = EXPECTED_FILES[name]
+    files = saved_pngs(tmp_path)
+    assert len(files) == count and leftovers(tmp_path) == []
+    for p in files:
+        with Image.open(p) as im:
+            assert im.size == ((128, 128) if name == "hires_fix" else (size, size))
+            assert np.asarray(im).std() > 5  # a picture, not a blank
+    assert {n["inputs"]["ckpt_name"] for n in result.prompt.values()
+            if n["class_type"] == "GlassCheckpointLoader"} == {"glass-tiny (built-in)"}
+    if name in ("text_to_image", "hires_fix"):  # "a red circle in the center on a blue background"
+        from _scorer import analyse
+        got = analyse(np.asarray(Image.open(files[0]).convert("RGB").resize((64, 64), Image.BILINEAR)))
+        assert (got["colour"], got["background"], got["row"], got["col"]) == ("red", "blue", 1, 1), got
+
+
+def test_generate_command_writes_one_png_per_prompt(tmp_path, tmp_path_factory, capsys, monkeypatch):
+    """`glass-diffusion generate`: the shipped text_to_image workflow per prompt on the built-in model, the paths
+    printed; the default prompts are the model's examples; the picture follows the prompt."""
+    from _scorer import analyse
+
+    from glass_diffusion.sd_core import builtin
+
+    monkeypatch.chdir(tmp_path)  # no models folder here
+    out = tmp_path / "out"
+    rc = cli.main(["generate", "a large green square at the top left on a white background", "a red circle",
+                   "--seed", "3", "--steps", "12", "--cfg", "4", "--output", str(out), "--device", "cpu"])
+    assert rc == cli.OK
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    files = saved_pngs(out)
+    assert printed == [str(p) for p in files] and [p.name for p in files] == ["txt2img_00001_.png",
+                                                                               "txt2img_00002_.png"]
+    wf = load_workflow(files[0])
+    sampler = [n["inputs"] for n in wf.api.values() if n["class_type"] == "GlassKSampler"][0]
+    assert (sampler["seed"], sampler["steps"], sampler["cfg"]) == (3, 12, 4.0)
+    got = analyse(np.asarray(Image.open(files[0]).convert("RGB")))
+    assert (got["colour"], got["background"], got["row"], got["col"]) == ("green", "white", 0, 0), got
+    # no prompts: the built-in model's example prompts, 64x64
+    assert cli.main(["generate", "--output", str(tmp_path / "examples"), "--steps", "4"]) == cli.OK
+    examples = saved_pngs(tmp_path / "examples")
+    assert len(examples) == len(builtin.EXAMPLE_PROMPTS)
+    assert all(Image.open(p).size == (64, 64) for p in examples)
+    # a checkpoint by path (the file's folder serves as the checkpoints folder; its .tokenizer/ beside it)
+    ckpt = tiny_env(tmp_path_factory).models / "checkpoints" / CHECKPOINT
+    assert cli.main(["generate", "a house", "--checkpoint", str(ckpt), "--width", "64", "--height", "64",
+                     "--steps", "2", "--output", str(tmp_path / "by_path")]) == cli.OK
+    assert len(saved_pngs(tmp_path / "by_path")) == 1
+    # errors (exit 2): a missing checkpoint; no prompt for a model other than the built-in one
+    assert cli.main(["generate", "x", "--checkpoint", "missing.safetensors", "--output", str(out)]) == cli.INVALID
+    assert cli.main(["generate", "--checkpoint", str(ckpt), "--output", str(out)]) == cli.INVALID
+    assert len(saved_pngs(out)) == 2
