@@ -130,7 +130,12 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def load_state(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+    """Our own training state, read like any pickle here: weights_only=True, with the one class of ours that
+    the latents cache holds (toy_data.Scene, a plain frozen dataclass) allowed."""
+    if not path.exists():
+        return None
+    with torch.serialization.safe_globals([toy_data.Scene]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
