@@ -34,7 +34,9 @@ def load_image_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     with Image.open(path) as img:
         for frame in ImageSequence.Iterator(img):
             frame = ImageOps.exif_transpose(frame)
-            if frame.mode == "I":  # 16-bit greyscale
+            if frame.mode.startswith("I;16"):  # 16-bit greyscale PNGs open as I;16 in recent Pillow
+                frame = frame.convert("I")
+            if frame.mode == "I":  # 16-bit greyscale: 0..65535 -> about 0..255 before the 8-bit RGB convert
                 frame = frame.point(lambda v: v * (1 / 255))
             rgb = frame.convert("RGB")
             size = size or rgb.size

@@ -358,6 +358,17 @@ def test_load_image_mask_is_one_minus_alpha(env, out):
     assert rgb_mask.shape == (1, 64, 64) and not rgb_mask.any()  # no alpha: ComfyUI's 64x64 zeros
 
 
+def test_load_image_16bit_greyscale_keeps_its_levels(env, out):
+    """A 16-bit greyscale PNG (Pillow mode I;16) is scaled to 0..1, not clipped to white."""
+    levels = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(levels).save(env.input / "grey16.png")
+    image, mask = call("GlassLoadImage", image="grey16.png")
+    assert image.shape == (1, 64, 64, 3) and not mask.any()
+    ref = levels.astype(np.float32) / 65535
+    assert np.abs(image[0, ..., 0].numpy() - ref).max() < 3 / 255  # ComfyUI scales by 1/255, then 8 bits
+    assert torch.equal(image[..., 0], image[..., 2])
+
+
 def test_save_image_metadata_numbering_and_subfolders(out):
     images = torch.rand(2, 16, 24, 3)
     prompt = {"1": {"class_type": "X", "inputs": {}}}
