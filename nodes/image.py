@@ -101,7 +101,10 @@ def save_images(images: torch.Tensor, filename_prefix: str, root: Path, *, node:
     root = Path(root).resolve()
     prefix = _expand_prefix(filename_prefix, images.shape[2], images.shape[1])
     target = (root / os.path.normpath(prefix)).resolve()
-    if target != root and root not in target.parents:
+    if target == root:
+        raise NodeInputError(node, "filename_prefix",
+                             f"{filename_prefix!r} names no file; give a prefix such as 'Glass'")
+    if root not in target.parents:
         raise NodeInputError(node, "filename_prefix", f"{filename_prefix!r} points outside the folder {root}")
     folder, name = target.parent, target.name
     subfolder = "" if folder == root else folder.relative_to(root).as_posix()

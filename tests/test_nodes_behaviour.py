@@ -391,6 +391,9 @@ def test_save_image_metadata_numbering_and_subfolders(out):
     assert (out / "pics" / "run_00010_.png").read_bytes() == b"not ours"
     with pytest.raises(NodeInputError, match="GlassSaveImage: input 'filename_prefix'"):
         call("GlassSaveImage", images=images, filename_prefix="../escape")
+    for empty in ("", "pics/.."):  # the folder itself: a clear error, not a crash deep in the path code
+        with pytest.raises(NodeInputError, match="GlassSaveImage: input 'filename_prefix'.*names no file"):
+            call("GlassSaveImage", images=images, filename_prefix=empty)
     r = call("GlassSaveImage", images=images[:1], filename_prefix="size_%width%x%height%")
     assert r["ui"]["images"][0]["filename"] == "size_24x16_00001_.png"
     assert leftovers(out) == []
