@@ -181,7 +181,7 @@ def linear_quadratic_scheduler(ms, steps, threshold_noise=0.025, linear_steps=No
 
 def kl_optimal_scheduler(ms, steps):
     smin, smax = float(ms.sigma_min), float(ms.sigma_max)
-    idx = torch.arange(steps, dtype=torch.float).div_(steps - 1)
+    idx = torch.arange(steps, dtype=torch.float).div_(max(steps - 1, 1))  # one step: sigma_max (ComfyUI: NaN)
     out = idx.new_zeros(steps + 1)
     out[:-1] = (idx * math.atan(smin) + (1 - idx) * math.atan(smax)).tan_()
     return out

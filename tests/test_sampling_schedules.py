@@ -65,7 +65,7 @@ def expected(name, n):
             s = [1 - v for v in s]
         return [v * SIG[-1] for v in s]
     if name == "kl_optimal":
-        i = np.arange(n) / (n - 1) if n > 1 else np.array([np.nan])
+        i = np.arange(n) / (n - 1) if n > 1 else np.array([0.0])  # ComfyUI divides by n - 1 = 0 (NaN)
         return list(np.tan(i * math.atan(SIG[0]) + (1 - i) * math.atan(SIG[-1]))) + [0.0]
     raise KeyError(name)
 
@@ -97,8 +97,6 @@ def test_scheduler_grid(name):
     worst = 0.0
     for steps in STEPS:
         for denoise in DENOISE:
-            if name == "kl_optimal" and int(steps / denoise) == 1:
-                continue  # ComfyUI's formula divides by steps - 1
             got = get_sigmas(name, MS, steps, denoise)
             assert got.dtype == torch.float32
             full = expected(name, steps if denoise > 0.9999 else int(steps / denoise))
@@ -108,6 +106,13 @@ def test_scheduler_grid(name):
             worst = max(worst, float(np.max(np.abs(got.numpy() - exp) / np.maximum(exp, 1e-3))))
             assert got[-1] == 0 or name == "beta" and denoise < 1
     assert worst < 2e-6
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_one_step_schedule_is_finite(name):
+    for discard in (False, True):
+        got = get_sigmas(name, MS, 1, discard_penultimate=discard)
+        assert len(got) == 2 and torch.isfinite(got).all() and got[0] > 0 and got[1] == 0, (name, got)
 
 
 def test_discard_penultimate_and_denoise_zero():
