@@ -61,8 +61,22 @@ def test_img2img_and_inpaint(model, tok):
     assert out.shape == image.shape
     mask = torch.zeros(1, 64, 64)
     mask[:, 16:48, 16:48] = 1
-    out = inpaint(model, tok, image, mask, "a cat", seed=2, **KW)
-    assert out.shape == image.shape and torch.isfinite(out).all()
+    painted = inpaint(model, tok, image, mask, "a cat", seed=2, **KW)
+    assert painted.shape == image.shape and torch.isfinite(painted).all()
+    # by hand: encode (distribution mode), sample at the denoise (with the mask as noise_mask), decode
+    pos, neg = encode_prompt(model.clip, tok, "a cat"), encode_prompt(model.clip, tok, "")
+    with torch.no_grad():
+        z = model.vae.encode(image.permute(0, 3, 1, 2) * 2 - 1).mode()
+
+    def decode(lat):
+        with torch.no_grad():
+            return ((model.vae.decode(lat["samples"]) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+    ref = decode(sample(model.unet, pos, neg, {"samples": z}, seed=2, denoise=0.5, **KW))
+    assert torch.equal(out, ref)
+    ref = decode(sample(model.unet, pos, neg, {"samples": z, "noise_mask": mask}, seed=2, **KW))
+    assert torch.equal(painted, ref)
+    assert not torch.equal(painted, decode(sample(model.unet, pos, neg, {"samples": z}, seed=2, **KW)))
 
 
 def test_inpaint_with_nine_channel_model(tok):
