@@ -113,11 +113,11 @@ def _area_and_mult(c, x, sigma):
         area = (ah, aw, ay, ax)
         inp = x[:, :, ay:ay + ah, ax:ax + aw]
     if "mask" in c:
-        m = c["mask"][: inp.shape[0]]
+        m = _batch(c["mask"], inp.shape[0])  # masks cycle over the batch, as prepare_mask does: (B, H, W)
         if area is not None:
             m = m[:, area[2]:area[2] + area[0], area[3]:area[3] + area[1]]
-        m = (m * c["mask_strength"]).unsqueeze(1)  # (Bm, 1, h, w)
-        mult = m.repeat(inp.shape[0] // m.shape[0], inp.shape[1], 1, 1).to(x.dtype)
+        m = (m * c["mask_strength"]).unsqueeze(1)  # (B, 1, h, w)
+        mult = m.repeat(1, inp.shape[1], 1, 1).to(x.dtype)
     else:
         mult = torch.ones_like(inp)
     mult = mult * c["strength"]

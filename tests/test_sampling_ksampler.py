@@ -220,6 +220,21 @@ def test_conditioning_strength_area_and_timing(unet):
     assert torch.allclose(masked[..., 4:], (xa[..., 4:] + xb[..., 4:]) / 2, atol=1e-5)
 
 
+def test_conditioning_masks_cycle_over_a_larger_batch(unet):
+    x, sigma = torch.randn(3, 4, 8, 8), torch.tensor([3.0, 3.0, 3.0])
+    a, b = cond(10), cond(11)
+    m = torch.zeros(2, 8, 8)
+    m[0, :, 4:] = 1
+    m[1, :4] = 1
+
+    def single(mask):
+        return CFGDenoiser(unet, a + [[b[0][0], {"mask": mask}]], NEG, 1.0, x.shape, MS)(x, sigma)
+
+    got = single(m)  # 2 masks for 3 latents: the third takes the first mask again
+    assert torch.allclose(got, single(torch.stack([m[0], m[1], m[0]])), atol=1e-6)
+    assert not torch.allclose(got[2], single(torch.stack([m[0], m[1], m[1]]))[2], atol=1e-4)
+
+
 def test_contexts_of_different_length_share_a_batch(unet):
     long_neg = cond(2, tokens=16)
     sample(unet, POS, long_neg, latent(), seed=1, steps=2, cfg=4.0, sampler_name="euler", scheduler="normal")
