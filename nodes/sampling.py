@@ -319,6 +319,8 @@ class GlassUNetPredict:
         check_conditioning(node, "positive", positive, unet)
         check_conditioning(node, "negative", negative, unet)
         samples = check_latent(node, "latent", latent)
+        if samples.shape[1] != 4:
+            raise NodeInputError(node, "latent", f"expected a 4-channel SD 1.x latent, got {samples.shape[1]} channels")
         if sigmas is not None:
             sigmas = check_sigmas(node, sigmas)
             if not 0 <= step < len(sigmas):

@@ -256,6 +256,9 @@ def test_unet_predict_is_one_denoise_step(models):
     with pytest.raises(NodeInputError, match="GlassUNetPredict: input 'sigma'"):
         call("GlassUNetPredict", unet=models.unet, positive=models.pos, negative=models.neg, latent=x, cfg=4.0,
              sigma=0.0)
+    with pytest.raises(NodeInputError, match="GlassUNetPredict: input 'latent'.*3 channels"):
+        call("GlassUNetPredict", unet=models.unet, positive=models.pos, negative=models.neg,
+             latent={"samples": torch.zeros(1, 3, 8, 8)}, cfg=4.0, sigma=1.0)
 
 
 def test_ksampler_is_deterministic_and_honours_denoise_and_masks(models):
