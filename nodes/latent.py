@@ -93,6 +93,8 @@ class GlassLatentUpscale:
         x = check_latent(node, "samples", samples)
         if upscale_method not in UPSCALE_METHODS:
             raise NodeInputError(node, "upscale_method", f"{upscale_method!r} is not one of {UPSCALE_METHODS}")
+        if crop not in CROP_METHODS:
+            raise NodeInputError(node, "crop", f"{crop!r} is not one of {CROP_METHODS}")
         if width == 0 and height == 0:
             return (samples,)
         h, w = x.shape[-2:]

@@ -159,6 +159,8 @@ def test_latent_nodes():
     with pytest.raises(NodeInputError, match="GlassLatentUpscale: input 'samples'"):
         call("GlassLatentUpscale", samples=torch.zeros(1), upscale_method="bilinear", width=64, height=64,
              crop="disabled")
+    with pytest.raises(NodeInputError, match="GlassLatentUpscale: input 'crop'"):  # not silently 'disabled'
+        call("GlassLatentUpscale", samples=lat, upscale_method="bilinear", width=64, height=64, crop="centre")
 
 
 # ------------------------------------------------------------------------------------------ VAE
