@@ -178,8 +178,9 @@ class GlassSaveImage:
             "required": {
                 "images": (IMAGE, {"tooltip": "The images to save."}),
                 "filename_prefix": ("STRING", {"default": "Glass", "tooltip":
-                                    "File name prefix; may contain a subfolder and %width%, %height%, %date% parts "
-                                    "(%year%, %month%, %day%, ...). Files are numbered <prefix>_00001_.png and never overwritten."}),
+                                    "File name prefix; may contain a subfolder and %width%, %height%, %year%, %month%, "
+                                    "%day%, %hour%, %minute%, %second%, %batch_num%. Files are numbered "
+                                    "<prefix>_00001_.png and never overwritten."}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
