@@ -27,6 +27,7 @@ class ModelSampling:
         sigmas = ((1 - acp) / acp) ** 0.5  # float64, log taken before the cast (as ComfyUI does)
         self.sigmas = sigmas.float()
         self.log_sigmas = sigmas.log().float()
+        self._log_sigmas_by_device = {self.log_sigmas.device: self.log_sigmas}
         self.prediction = prediction
         self.sigma_data = 1.0
 
@@ -42,16 +43,23 @@ class ModelSampling:
         """sigma -> timestep in log-sigma space. quantize=True (ComfyUI) gives the nearest training step;
         quantize=False interpolates linearly between the two neighbouring log-sigmas (k-diffusion's default)."""
         sigma = torch.as_tensor(sigma)
-        log_sigma = sigma.detach().float().log().cpu()
-        dists = log_sigma.reshape(1, -1) - self.log_sigmas[:, None]  # (1000, N)
+        log_sigmas = self._log_sigmas_on(sigma.device)  # on sigma's device: no GPU sync on every UNet call
+        log_sigma = sigma.detach().float().log()
+        dists = log_sigma.reshape(1, -1) - log_sigmas[:, None]  # (1000, N)
         if quantize:
             t = dists.abs().argmin(dim=0).float()
         else:
             low = (dists >= 0).cumsum(dim=0).argmax(dim=0).clamp(max=len(self.sigmas) - 2)
-            lo, hi = self.log_sigmas[low], self.log_sigmas[low + 1]
+            lo, hi = log_sigmas[low], log_sigmas[low + 1]
             w = ((lo - log_sigma.reshape(-1)) / (lo - hi)).clamp(0, 1)
             t = (1 - w) * low + w * (low + 1)
-        return t.reshape(sigma.shape).to(sigma.device)
+        return t.reshape(sigma.shape)
+
+    def _log_sigmas_on(self, device):
+        """The log-sigma table on a device, copied there once."""
+        if device not in self._log_sigmas_by_device:
+            self._log_sigmas_by_device[device] = self.log_sigmas.to(device)
+        return self._log_sigmas_by_device[device]
 
     def sigma(self, timestep):
         """timestep (fractional allowed) -> sigma, interpolating log-sigma."""

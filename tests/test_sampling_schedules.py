@@ -137,3 +137,14 @@ def test_bad_values_refused(kw):
     args.update(kw)
     with pytest.raises(ValueError):
         get_sigmas(args["name"], MS, args["steps"], args["denoise"])
+
+
+def test_timestep_lookup_stays_on_the_sigmas_device():
+    """sigma -> timestep runs where sigma is (no host round trip per UNet call); the table is copied once."""
+    ms = ModelSampling()
+    sigma = torch.tensor([14.6146, 1.0, 0.0292], device="meta")
+    t = ms.timestep(sigma)
+    assert t.device.type == "meta" and t.shape == sigma.shape
+    assert ms._log_sigmas_on(torch.device("meta")) is ms._log_sigmas_on(torch.device("meta"))
+    cpu = ms.timestep(torch.tensor([14.6146, 1.0, 0.0292]))
+    assert cpu.tolist() == [999.0, float(ms.timestep(torch.tensor(1.0))), 0.0]
