@@ -35,7 +35,7 @@ def vocabulary_for(checkpoint: Path):
     """The explicit vocabulary beside a checkpoint, or None for the standard search."""
     from ..sd_core import builtin
     if checkpoint == builtin.CHECKPOINT:
-        return builtin.TOKENIZER_DIR
+        return builtin.VOCABULARY
     for candidate in (checkpoint.with_name(checkpoint.stem + ".tokenizer"), checkpoint.parent / "tokenizer"):
         if (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file():
             return candidate

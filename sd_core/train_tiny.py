@@ -11,7 +11,7 @@ Stages, each resumable (re-run the same command: it continues from WORK_DIR's la
   3. latents: a fixed set of scenes encoded once by the frozen VAE (posterior mean and std);
   4. diffusion: text encoder and UNet together on the SD 1.x eps-prediction loss (discrete schedule,
      1000 steps, scaled-linear betas), 10 % of captions dropped to "" for classifier-free guidance;
-  5. export: one SD 1.x-layout single-file checkpoint (EMA weights, fp16) + its tokenizer folder.
+  5. export: one SD 1.x-layout single-file checkpoint (EMA weights, fp16) + its vocabulary (glass-tiny-bpe.txt).
 Every random draw comes from the seed and the step number, so a run (or a resumed run) is reproducible.
 """
 import argparse
@@ -288,11 +288,8 @@ def export(cfg: SDConfig, vae, clip, unet, tok_dir: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "glass-tiny.safetensors"
     save_checkpoint(model, ckpt, dtype=torch.float16, overwrite=True)
-    dst = out / "tokenizer"
-    if dst.resolve() != tok_dir.resolve():
-        dst.mkdir(exist_ok=True)
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copyfile(tok_dir / name, dst / name)
+    # the vocabulary ships as one merges-only BPE file (OpenAI's layout): its ids follow from the merges
+    shutil.copyfile(tok_dir / "merges.txt", out / "glass-tiny-bpe.txt")
     return ckpt
 
 

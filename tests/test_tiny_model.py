@@ -28,7 +28,7 @@ def tiny():
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)  # tiny ops: one thread is faster than two on a busy machine
     model = load_checkpoint(builtin.CHECKPOINT, dtype=torch.float32).eval()
-    yield model, CLIPTokenizer(builtin.TOKENIZER_DIR)
+    yield model, CLIPTokenizer(builtin.VOCABULARY)
     torch.set_grad_enabled(grad)
     torch.set_num_threads(threads)
 
@@ -56,14 +56,14 @@ def generate_batch(tiny, prompts, seed):
 
 
 def test_shipped_files_are_small_and_self_describing():
-    files = [builtin.CHECKPOINT, builtin.TOKENIZER_DIR / "vocab.json", builtin.TOKENIZER_DIR / "merges.txt"]
+    files = [builtin.CHECKPOINT, builtin.VOCABULARY]
     assert sum(f.stat().st_size for f in files) <= 20 * 1024 * 1024
     assert builtin.MODEL_CARD.is_file()
     from safetensors import safe_open
     with safe_open(str(builtin.CHECKPOINT), "pt") as f:
         meta = json.loads(f.metadata()[CONFIG_METADATA_KEY])
         keys = list(f.keys())
-    assert meta["clip"]["vocab_size"] == len(json.loads((builtin.TOKENIZER_DIR / "vocab.json").read_text("utf-8")))
+    assert meta["clip"]["vocab_size"] == CLIPTokenizer(builtin.VOCABULARY).vocab_size
     assert any(k.startswith("model.diffusion_model.") for k in keys)
     assert any(k.startswith("first_stage_model.") for k in keys)
     assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)

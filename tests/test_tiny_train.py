@@ -25,7 +25,7 @@ def test_training_runs_exports_and_loads(tmp_path):
     ckpt = _run(tmp_path / "a", 2, 2)
     model = load_checkpoint(ckpt)
     cfg = model.config
-    tok = CLIPTokenizer(tmp_path / "a" / "tokenizer")
+    tok = CLIPTokenizer(tmp_path / "a" / "glass-tiny-bpe.txt")
     assert cfg.clip.vocab_size == tok.vocab_size
     assert (cfg.clip.bos_token_id, cfg.clip.eos_token_id) == (tok.bos_id, tok.eos_id)
     assert cfg.clip.max_positions == 77 and cfg.unet.context_dim == cfg.clip.width

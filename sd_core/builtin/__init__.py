@@ -10,7 +10,7 @@ from pathlib import Path
 BUILTIN_DIR = Path(__file__).resolve().parent
 NAME = "glass-tiny (built-in)"  # how checkpoint loaders list it
 CHECKPOINT = BUILTIN_DIR / "glass-tiny.safetensors"
-TOKENIZER_DIR = BUILTIN_DIR / "tokenizer"  # vocab.json + merges.txt (CLIP BPE format)
+VOCABULARY = BUILTIN_DIR / "glass-tiny-bpe.txt"  # its own CLIP-format BPE merges; ids follow from the merges
 MODEL_CARD = BUILTIN_DIR / "MODEL_CARD.md"
 RESOLUTION = 64  # native width and height in pixels (latent 8x8)
 DEFAULTS = {"width": 64, "height": 64, "steps": 20, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal"}
@@ -33,4 +33,4 @@ def load(device="cpu", dtype=None):
     from ..checkpoint import load_checkpoint
     from ..tokenizer import CLIPTokenizer
 
-    return load_checkpoint(CHECKPOINT, device=device, dtype=dtype), CLIPTokenizer(TOKENIZER_DIR)
+    return load_checkpoint(CHECKPOINT, device=device, dtype=dtype), CLIPTokenizer(VOCABULARY)
