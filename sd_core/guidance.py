@@ -175,6 +175,8 @@ class CFGDenoiser:
         self.negative = prepare_conds(negative, latent_shape, self.ms, device) if negative is not None else []
         pair_areas(self.positive, self.negative)
         self.concat = concat
+        # the UNet's weight dtype, looked up once (not on every step); plain callables get x's dtype
+        self.unet_dtype = next(unet.parameters()).dtype if isinstance(unet, torch.nn.Module) else None
         self.calls = 0  # UNet forward calls (for tests and statistics)
 
     def _run(self, x_in, sigma, context, concat):
@@ -183,7 +185,7 @@ class CFGDenoiser:
         if concat is not None:
             inp = torch.cat([inp, concat.to(inp.dtype)], dim=1)  # (N, 4 + Cc, h, w)
         t = ms.timestep(sigma).to(x_in.device, torch.float32)
-        dtype = next(self.unet.parameters()).dtype if isinstance(self.unet, torch.nn.Module) else x_in.dtype
+        dtype = self.unet_dtype or x_in.dtype
         self.calls += 1
         out = self.unet(inp.to(dtype), t, context.to(dtype))
         return ms.calculate_denoised(sigma, out.to(x_in.dtype), x_in)
