@@ -130,7 +130,7 @@ def save_images(images: torch.Tensor, filename_prefix: str, root: Path, *, node:
             pil = image_to_pil(image[..., :3])
             entry = {"filename": None, "subfolder": subfolder, "type": folder_type}
             number = txn.stage(folder, name.replace("%batch_num%", str(batch_number)), counter,
-                               lambda f: pil.save(f, format="PNG", pnginfo=metadata, compress_level=compress_level),
+                               lambda f, pil=pil: pil.save(f, format="PNG", pnginfo=metadata, compress_level=compress_level),
                                entry)
             results.append(entry)
             counter = number + 1

@@ -107,7 +107,7 @@ def _validate_node(nid: str, api: dict, registry: dict) -> list[GraphError]:
     takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
     received = {}
     for name, spec in input_specs(cls).items():
-        def err(kind, msg):
+        def err(kind, msg, name=name):
             errors.append(GraphError(kind, msg, nid, ct, name))
         if spec.category == "hidden":
             continue

@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from glass_diffusion.nodes import image as image_nodes
-from glass_diffusion.nodes import progress
 from glass_diffusion.nodes.example_workflows import CHECKPOINT, INPAINT_CHECKPOINT, INPUT_IMAGE
 from glass_diffusion.nodes.registry import NODE_CLASS_MAPPINGS as N
 from glass_diffusion.nodes.types import GlassCLIP, GlassSampler, GlassUNet, GlassVAE, NodeInputError
