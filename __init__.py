@@ -2,8 +2,16 @@
 
 ComfyUI imports this folder as a module named after the folder; headless users
 import it as ``glass_diffusion``. Every import inside the pack is relative, and importing
-it builds no model: the node modules import sd_core only when a node runs or lists its options.
+it builds no model. The node mappings are imported on first use (PEP 562 module ``__getattr__``: ComfyUI's
+``getattr(module, "NODE_CLASS_MAPPINGS")`` and ``from glass_diffusion import NODE_CLASS_MAPPINGS`` both work),
+so the command line starts without loading torch and can answer a Ctrl-C at any moment with one line.
 """
-from .nodes.registry import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from .nodes import registry
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

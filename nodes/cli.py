@@ -54,7 +54,7 @@ def _run(args, registry) -> int:
 
     def job():
         with runtime.settings_override(models_dir=args.models, input_dir=args.input, output_dir=args.output,
-                                       device=args.device, dtype=args.dtype):
+                                       device=args.device, dtype=args.dtype, allow_nan=args.allow_nan or None):
             results.append(run_workflow(args.workflow, overrides, registry=registry, executor=Executor(registry)))
 
     rc = _guarded(job)
@@ -69,18 +69,20 @@ def _run(args, registry) -> int:
 def _guarded(job) -> int:
     """Run job() with the two-step Ctrl-C handling; the exit code for how it ended."""
     previous = signal.getsignal(signal.SIGINT)
+    cancel = threading.Event()  # this command's runs' cancel flag (progress.cancel_scope)
 
     def on_sigint(signum, frame):
-        if progress.cancel_requested():
+        if cancel.is_set():
             raise KeyboardInterrupt
         print("\ncancelling at the next step (Ctrl-C again to stop now)", file=sys.stderr)
-        progress.request_cancel()
+        cancel.set()
 
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:
         signal.signal(signal.SIGINT, on_sigint)
     try:
-        job()
+        with progress.cancel_scope(cancel):
+            job()
     except GraphValidationError as e:
         _print_errors(e.errors)
         return INVALID
@@ -248,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", metavar="DIR", help="output folder (default $GLASS_DIFFUSION_OUTPUT or ./output)")
     run.add_argument("--device", choices=runtime.DEVICES, default=None)
     run.add_argument("--dtype", choices=runtime.DTYPES, default=None)
+    run.add_argument("--allow-nan", action="store_true", help="debugging: let NaN / inf UNet or VAE outputs "
+                     "through instead of stopping the run")
     conv = sub.add_parser("convert", help="convert an editor workflow to the API format")
     conv.add_argument("workflow")
     conv.add_argument("-o", "--output", dest="output_file", metavar="OUT", help="write here instead of stdout")
@@ -259,13 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, registry: dict | None = None) -> int:
-    args = build_parser().parse_args(argv)  # exits 2 on bad arguments
-    handler = {"generate": _generate, "run": _run, "validate": _validate, "convert": _convert, "nodes": _nodes}[args.command]
     try:
-        return handler(args, default_registry() if registry is None else registry)
-    except (OSError, ValueError, KeyError) as e:  # unreadable file, bad JSON, bad --set
-        print(f"error: {e}", file=sys.stderr)
-        return INVALID
+        args = build_parser().parse_args(argv)  # exits 2 on bad arguments
+        handler = {"generate": _generate, "run": _run, "validate": _validate, "convert": _convert,
+                   "nodes": _nodes}[args.command]
+        try:
+            return handler(args, default_registry() if registry is None else registry)
+        except GraphValidationError as e:  # e.g. a malformed editor file met by convert
+            _print_errors(e.errors)
+            return INVALID
+        except (OSError, ValueError, KeyError) as e:  # unreadable file, bad JSON, bad --set
+            print(f"error: {e}", file=sys.stderr)
+            return INVALID
+    except KeyboardInterrupt:  # Ctrl-C outside a run (loading torch, reading files): one line, exit 1
+        print("interrupted", file=sys.stderr)
+        return FAILED
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ from typing import Any
 
 from . import outputs as output_files
 from . import progress
-from .validation import GraphError, GraphValidationError, class_hook, is_link, links_of, validate_api
-from .workflow import (Workflow, apply_overrides, apply_overrides_ui, as_workflow, default_registry, input_specs,
-                       load_workflow, to_api)
+from .validation import (GraphError, GraphValidationError, class_hook, is_link, links_of, topological_order,
+                         validate_api)
+from .workflow import (OverrideError, Workflow, apply_overrides, apply_overrides_ui, as_workflow, default_registry,
+                       input_specs, load_workflow, to_api)
 
 __all__ = ["Executor", "RunResult", "run_workflow", "validate_workflow", "GraphError", "GraphValidationError",
            "NodeExecutionError"]
@@ -69,13 +70,21 @@ class Executor:
     def validate(self, api: dict) -> list[GraphError]:
         return validate_api(api, self.registry)[1]
 
-    def run(self, api: dict, extra_pnginfo: dict | None = None) -> RunResult:
+    def run(self, api: dict, extra_pnginfo: dict | None = None, cancel=None) -> RunResult:
         """Validate, then execute what the output nodes need. Raises GraphValidationError,
-        NodeExecutionError (node id, type, original message) or progress.Interrupted."""
+        NodeExecutionError (node id, type, original message) or progress.Interrupted.
+
+        ``cancel``: a ``threading.Event`` that cancels this run when set (from any thread); by default the
+        caller's progress.cancel_scope if one is open, else a new flag of this run alone."""
         api, errors, outputs = validate_api(api, self.registry)
         if errors:
             raise GraphValidationError(errors)
-        progress.clear_cancel()
+        if cancel is None and progress.in_cancel_scope():
+            cancel = progress.cancel_event()
+        with progress.cancel_scope(cancel):
+            return self._run(api, outputs, extra_pnginfo)
+
+    def _run(self, api: dict, outputs: list[str], extra_pnginfo) -> RunResult:
         result, signatures, used = RunResult(prompt=api), {}, {}
         staged: dict[str, str] = {}  # node id -> signature, for nodes that saved files this run
         try:
@@ -103,27 +112,22 @@ class Executor:
         return result
 
     def _order(self, api: dict, outputs: list[str]) -> list[str]:
-        """Dependency order: first everything the output nodes need, then the output nodes not yet placed."""
-        order, seen = [], set()
-
-        def visit(nid):
-            if nid not in seen:
-                seen.add(nid)
-                for _, src in links_of(api[nid]):
-                    visit(src)
-                order.append(nid)
-
-        for nid in outputs:
-            for _, src in links_of(api[nid]):
-                visit(src)
-        for nid in outputs:
-            visit(nid)
-        return order
+        """Dependency order: first everything the output nodes need, then the output nodes not yet placed
+        (an iterative walk: a chain of any length is fine)."""
+        return topological_order(api, [src for nid in outputs for _, src in links_of(api[nid])] + list(outputs))
 
     def _signature(self, nid: str, api: dict, memo: dict) -> str:
-        """Hash of class, IS_CHANGED, inputs and upstream signatures (memoized per run)."""
+        """Hash of class, IS_CHANGED, inputs and upstream signatures (memoized per run; the upstream ones are
+        computed first, in dependency order, so nothing recurses)."""
         if nid in memo:
             return memo[nid]
+        for src in topological_order(api, [nid])[:-1]:
+            if src not in memo:
+                memo[src] = self._own_signature(src, api, memo)
+        memo[nid] = self._own_signature(nid, api, memo)
+        return memo[nid]
+
+    def _own_signature(self, nid: str, api: dict, memo: dict) -> str:
         node = api[nid]
         cls = self.registry[node["class_type"]]
         specs = input_specs(cls)
@@ -133,10 +137,9 @@ class Executor:
             parts.append(nid)
         for name in sorted(node["inputs"]):
             v = node["inputs"][name]
-            parts.append([name, ["LINK", self._signature(v[0], api, memo), v[1]] if is_link(v) else v])
+            parts.append([name, ["LINK", memo[str(v[0])], v[1]] if is_link(v) else v])
         text = json.dumps(parts, sort_keys=True, default=repr)
-        memo[nid] = hashlib.sha256(text.encode()).hexdigest()
-        return memo[nid]
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def _is_changed(self, cls, inputs: dict) -> Any:
         fn = class_hook(cls, "IS_CHANGED")
@@ -210,9 +213,9 @@ def _prepare(workflow, overrides, registry) -> tuple[dict, dict | None]:
     wf = load_workflow(workflow) if isinstance(workflow, (str, Path)) else as_workflow(workflow)
     api, pnginfo = to_api(wf, registry)
     try:
-        changes = apply_overrides(api, overrides)
-    except KeyError as e:
-        raise GraphValidationError([GraphError("bad_override", str(e.args[0]))]) from None
+        changes = apply_overrides(api, overrides, registry)
+    except OverrideError as e:
+        raise GraphValidationError([e.graph_error()]) from None
     if changes and pnginfo:  # keep the embedded editor workflow in step with the graph that runs
         pnginfo = {"workflow": apply_overrides_ui(pnginfo["workflow"], changes, registry)}
     return api, pnginfo

@@ -98,6 +98,9 @@ def save_images(images: torch.Tensor, filename_prefix: str, root: Path, *, node:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
         raise NodeInputError(node, "images", f"expected an IMAGE tensor [B, H, W, 3], got "
                                              f"{getattr(images, 'shape', type(images).__name__)}")
+    problem = check_prefix(filename_prefix)
+    if problem is not None:
+        raise NodeInputError(node, "filename_prefix", problem)
     root = Path(root).resolve()
     prefix = _expand_prefix(filename_prefix, images.shape[2], images.shape[1])
     target = (root / os.path.normpath(prefix)).resolve()
@@ -154,21 +157,79 @@ class GlassLoadImage:
     DESCRIPTION = "Loads an image from the input folder, with a mask taken from its alpha channel (1 - alpha)."
 
     def load(self, image):
-        path = paths.annotated_image_path(image)
-        if not path.is_file():
-            raise NodeInputError("GlassLoadImage", "image", f"no such image file: {path}")
-        return load_image_file(path)
+        path = image_path("GlassLoadImage", image)
+        try:
+            return load_image_file(path)
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+            raise NodeInputError("GlassLoadImage", "image", f"cannot read {path} as an image: "
+                                                            f"{type(e).__name__}: {e}") from None
 
     @classmethod
     def IS_CHANGED(cls, image):
-        path = paths.annotated_image_path(image)
-        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        try:
+            path = paths.annotated_image_path(image)
+        except paths.OutsideFolderError:
+            return ""
+        if not path.is_file():
+            return ""
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
 
     @classmethod
     def VALIDATE_INPUTS(cls, image):
-        if not paths.annotated_image_path(image).is_file():
-            return f"GlassLoadImage: input 'image': no such image file: {image}"
+        if image is None:  # linked: checked when it runs
+            return True
+        try:
+            image_path("GlassLoadImage", image)
+        except NodeInputError as e:
+            return str(e)
         return True
+
+
+def image_path(node: str, name) -> Path:
+    """The file behind a LoadImage name, inside its folder; NodeInputError naming the folder otherwise. A name
+    that leaves the folder is refused without looking at the disk, so nothing is told about other paths."""
+    try:
+        path = paths.annotated_image_path(name)
+    except paths.OutsideFolderError as e:
+        kind, _ = paths.annotated_folder(name)
+        raise NodeInputError(node, "image", f"{e}: images are read from the {kind} folder only") from None
+    if not path.is_file():
+        kind, root = paths.annotated_folder(name)
+        raise NodeInputError(node, "image", f"no such image file {name!r} in the {kind} folder {root}")
+    return path
+
+
+MAX_PREFIX_DEPTH = 16  # subfolders in a filename_prefix
+MAX_NAME_BYTES = 255 - len("_00000_.png") - 8  # a file name's limit on common file systems, less our numbering
+_PLACEHOLDER_WIDTH = {"%width%": 5, "%height%": 5, "%year%": 4, "%month%": 2, "%day%": 2, "%hour%": 2,
+                      "%minute%": 2, "%second%": 2, "%batch_num%": 4}
+
+
+def check_prefix(prefix) -> str | None:
+    """Why a filename_prefix cannot name files inside the output folder, or None: checked before any work."""
+    if not isinstance(prefix, str):
+        return f"expected a string, got {type(prefix).__name__}"
+    if any(ord(c) < 32 for c in prefix):
+        return "contains a control character (a newline, a NUL byte, ...)"
+    if not prefix.strip() or os.path.normpath(prefix) in (".", ""):
+        return f"{prefix!r} names no file; give a prefix such as 'Glass'"
+    if os.path.isabs(prefix) or os.path.normpath(prefix).split(os.sep)[0] == "..":
+        return f"{prefix!r} points outside the output folder"
+    parts = [p for p in os.path.normpath(prefix).split(os.sep) if p]
+    if len(parts) > MAX_PREFIX_DEPTH + 1:
+        return f"has {len(parts) - 1} subfolder levels; at most {MAX_PREFIX_DEPTH}"
+    for part in parts:
+        longest = part
+        for key, width in _PLACEHOLDER_WIDTH.items():
+            longest = longest.replace(key, "9" * width)
+        if len(longest.encode("utf-8")) > MAX_NAME_BYTES:
+            return (f"the name {part[:40]!r}... is {len(longest.encode('utf-8'))} bytes; a file or folder "
+                    f"name may have at most {MAX_NAME_BYTES} here (255 less the numbering)")
+    return None
 
 
 class GlassSaveImage:
@@ -191,6 +252,11 @@ class GlassSaveImage:
     CATEGORY = CATEGORY
     DESCRIPTION = ("Saves images as numbered PNG files in the output folder, with the workflow in the file "
                    "(drag a saved PNG into ComfyUI to get its workflow back).")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix="Glass"):
+        problem = None if filename_prefix is None else check_prefix(filename_prefix)  # None: a link
+        return True if problem is None else problem
 
     def save(self, images, filename_prefix="Glass", prompt=None, extra_pnginfo=None):
         results = save_images(images, filename_prefix, paths.output_dir(), node="GlassSaveImage",

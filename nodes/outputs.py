@@ -15,6 +15,10 @@ variable) while its nodes run; save nodes find it with ``current()``.
 - ``rollback`` (any failure, ``Interrupted``, a second Ctrl-C, or an error during ``commit``): the temp files
   and every final name this commit already linked are removed, so the output folder is as before the run.
   A process killed outright (SIGKILL, power loss) can leave ``.glass-*.tmp`` files, never a numbered file.
+- Stale temp files: a temp file's name carries its writer, ``.glass-<host>-<pid>-*.tmp``. The first stage into
+  a folder in a transaction removes the ones whose writer is gone: this host's, of a process that no longer
+  exists; another host's (a shared folder) or an older unnamed one, once a day old. A live writer's temp file
+  is never touched.
 
 Without a current transaction (inside ComfyUI, whose own executor runs the nodes, or a node called
 directly) the save node opens its own ``transaction()`` for the call: its files appear when it returns,
@@ -23,8 +27,12 @@ all of them or none.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
+import socket
 import tempfile
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +41,11 @@ from typing import BinaryIO, Callable, Iterator, Optional
 __all__ = ["OutputTransaction", "current", "transaction", "file_name"]
 
 _current: ContextVar[Optional["OutputTransaction"]] = ContextVar("glass_output_transaction", default=None)
+
+
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP_NAME = re.compile(r"^\.glass-(?:([0-9a-f]{8})-(\d+)-)?.*\.tmp$")
+STALE_AFTER_S = 24 * 3600  # a temp file whose writer cannot be checked is stale after a day
 
 
 def file_name(base: str, number: int, suffix: str = ".png") -> str:
@@ -59,6 +72,43 @@ def _unlink(path) -> None:
         pass
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or a number we cannot ask about): keep its file
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Remove the ``.glass-*.tmp`` files in folder whose writer is gone (see the module notes); their names."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        m = _TEMP_NAME.match(name)
+        if m is None:
+            continue
+        path = os.path.join(folder, name)
+        host, pid = m.group(1), m.group(2)
+        if host == _HOST and pid is not None:
+            stale = int(pid) != os.getpid() and not _process_exists(int(pid))
+        else:
+            try:
+                stale = now - os.lstat(path).st_mtime > STALE_AFTER_S
+            except OSError:
+                continue
+        if stale and os.path.isfile(path) and not os.path.islink(path):
+            _unlink(path)
+            removed.append(name)
+    return removed
+
+
 @dataclass
 class _Staged:
     tmp: str
@@ -76,6 +126,7 @@ class OutputTransaction:
         self.state = "open"  # "open" | "committed" | "rolled back"
         self._staged: list[_Staged] = []
         self._reserved: dict[tuple, int] = {}  # (folder, base, suffix) -> largest number reserved
+        self._swept: set[str] = set()  # folders whose stale temp files were removed
 
     def __len__(self) -> int:
         return len(self._staged)
@@ -98,9 +149,12 @@ class OutputTransaction:
         if self.state != "open":
             raise RuntimeError(f"output transaction already {self.state}")
         folder = Path(folder)
-        fd, tmp = tempfile.mkstemp(prefix=".glass-", suffix=suffix + ".tmp", dir=folder)
+        if str(folder) not in self._swept:
+            self._swept.add(str(folder))
+            remove_stale_temps(folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".glass-{_HOST}-{os.getpid()}-", suffix=suffix + ".tmp", dir=folder)
         try:
-            os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; outputs get the usual umask-based mode
+            os.chmod(tmp, _NEW_FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask-based mode
             with os.fdopen(fd, "wb") as f:
                 write(f)
         except BaseException:
@@ -169,8 +223,24 @@ def transaction() -> Iterator[OutputTransaction]:
     txn.commit()
 
 
-def _new_file_mode() -> int:
-    """The mode open() would give a new file: 0666 minus the process umask."""
-    umask = os.umask(0)
+def _read_umask() -> int:
+    """The process umask, read once at import: from /proc where it is shown (no change at all), else by
+    setting and restoring it once, while this module is imported (never while a file is being saved)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+_NEW_FILE_MODE = 0o666 & ~_read_umask()  # the mode open() gives a new file
+
+
+def _new_file_mode() -> int:
+    """The mode open() would give a new file: 0666 minus the process umask (as read at import)."""
+    return _NEW_FILE_MODE

@@ -148,15 +148,43 @@ def list_input_images() -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def annotated_image_path(name: str) -> Path:
-    """Resolve an image name as LoadImage does: 'x.png' is in the input folder; 'x.png [output]' and
-    'x.png [temp]' name the output and temp folders."""
-    fp = comfy_folder_paths()
-    if fp is not None:
-        return Path(fp.get_annotated_filepath(name))
-    base, root = name, input_dir()
-    for tag, get in ((" [input]", input_dir), (" [output]", output_dir), (" [temp]", temp_dir)):
+class OutsideFolderError(ValueError):
+    """A file name that would leave the folder it must be in ('..', an absolute path); says nothing about
+    whether such a file exists."""
+
+
+ANNOTATIONS = (" [input]", " [output]", " [temp]")
+
+
+def _annotated_root(name: str) -> tuple[str, Path, str]:
+    """(name without its annotation, the folder it names, the folder's kind) for LoadImage-style names."""
+    for tag, get in zip(ANNOTATIONS, (input_dir, output_dir, temp_dir)):
         if name.endswith(tag):
-            base, root = name[: -len(tag)], get()
-            break
-    return root / base
+            return name[: -len(tag)], Path(get()), tag.strip(" []")
+    return name, Path(input_dir()), "input"
+
+
+def inside(root: Path, name: str) -> Path:
+    """``root / name`` with '..' removed, when that stays inside root; else OutsideFolderError. The check is
+    on the names, not on resolved links, so a symlink the user placed inside the folder keeps working."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise OutsideFolderError(f"{name!r} is not a file name")
+    root = Path(os.path.abspath(root))
+    p = Path(os.path.normpath(root / name))
+    if os.path.isabs(name) or root not in p.parents:
+        raise OutsideFolderError(f"{name!r} is not a name inside the folder (no absolute paths, no '..')")
+    return p
+
+
+def annotated_image_path(name: str) -> Path:
+    """Resolve an image name as LoadImage does: 'x.png' (or 'sub/x.png') is in the input folder; 'x.png [output]'
+    and 'x.png [temp]' name the output and temp folders. Inside ComfyUI these are ComfyUI's folders.
+    OutsideFolderError for a name that leaves its folder (headless and inside ComfyUI alike)."""
+    base, root, _ = _annotated_root(name) if isinstance(name, str) else (name, Path(input_dir()), "input")
+    return inside(root, base)
+
+
+def annotated_folder(name: str) -> tuple[str, Path]:
+    """(kind, folder) an image name refers to: ('input', <input folder>) for a plain name."""
+    _, root, kind = _annotated_root(name) if isinstance(name, str) else ("", Path(input_dir()), "input")
+    return kind, root

@@ -5,16 +5,24 @@ Inside ComfyUI these go to ``comfy.utils.ProgressBar`` (the browser's bar and pr
 ``comfy.model_management.throw_exception_if_processing_interrupted`` (the Cancel button), imported
 lazily. Headless they draw a tqdm bar, call an optional preview hook, and raise ``Interrupted`` once
 ``request_cancel()`` was called (the CLI calls it on the first Ctrl-C).
+
+The cancel flag and the preview hook belong to a run, not to the process: both live in context variables.
+``cancel_scope(event)`` makes a ``threading.Event`` the flag of the code inside it (the executor opens one per
+run, reusing the caller's if there is one; the CLI's Ctrl-C handler sets the event it opened), so a cancel in
+one run never stops another run in another thread. Outside any scope the calls use one process-wide flag.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
-from typing import Callable
+from contextvars import ContextVar
+from typing import Callable, Iterator, Optional
 
-_cancel = threading.Event()
-_preview_hook: Callable | None = None
 PREVIEW_MAX_SIZE = 512
+_process_cancel = threading.Event()  # the flag outside any cancel_scope
+_cancel: ContextVar[threading.Event] = ContextVar("glass_cancel")
+_preview_hook: ContextVar[Optional[Callable]] = ContextVar("glass_preview_hook", default=None)
 
 
 class Interrupted(Exception):
@@ -26,16 +34,36 @@ def in_comfyui() -> bool:
     return "comfy.model_management" in sys.modules
 
 
+def cancel_event() -> threading.Event:
+    """The current run's cancel flag (the process-wide one outside any cancel_scope)."""
+    return _cancel.get(_process_cancel)
+
+
+def in_cancel_scope() -> bool:
+    return _cancel.get(None) is not None
+
+
+@contextlib.contextmanager
+def cancel_scope(event: Optional[threading.Event] = None) -> Iterator[threading.Event]:
+    """Run the block with ``event`` (a new one by default) as its cancel flag; yields the event."""
+    event = threading.Event() if event is None else event
+    token = _cancel.set(event)
+    try:
+        yield event
+    finally:
+        _cancel.reset(token)
+
+
 def request_cancel() -> None:
-    _cancel.set()
+    cancel_event().set()
 
 
 def clear_cancel() -> None:
-    _cancel.clear()
+    cancel_event().clear()
 
 
 def cancel_requested() -> bool:
-    return _cancel.is_set()
+    return cancel_event().is_set()
 
 
 def check_cancel() -> None:
@@ -43,19 +71,19 @@ def check_cancel() -> None:
     if in_comfyui():
         import comfy.model_management
         comfy.model_management.throw_exception_if_processing_interrupted()
-    if _cancel.is_set():
+    if cancel_event().is_set():
         raise Interrupted("cancelled")
 
 
 def set_preview_hook(hook: Callable | None) -> None:
-    """Headless: ``hook(image: PIL.Image, value, total)`` receives every preview; None to stop."""
-    global _preview_hook
-    _preview_hook = hook
+    """Headless: ``hook(image: PIL.Image, value, total)`` receives every preview of runs in this context
+    (this thread); None to stop."""
+    _preview_hook.set(hook)
 
 
 def previews_enabled() -> bool:
     """Whether anyone shows previews (ComfyUI, or a headless hook): skip decoding them otherwise."""
-    return in_comfyui() or _preview_hook is not None
+    return in_comfyui() or _preview_hook.get() is not None
 
 
 class ProgressBar:
@@ -82,8 +110,9 @@ class ProgressBar:
         else:
             self._tqdm.total = self.total
             self._tqdm.update(value - self.current)
-            if preview is not None and _preview_hook is not None:
-                _preview_hook(preview, value, self.total)
+            hook = _preview_hook.get()
+            if preview is not None and hook is not None:
+                hook(preview, value, self.total)
         self.current = value
         if self._tqdm is not None and value >= self.total:
             self.close()

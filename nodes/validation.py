@@ -11,36 +11,15 @@ from __future__ import annotations
 
 import inspect
 import re
-from dataclasses import dataclass
 from typing import Any
 
+from .errors import GraphError, GraphValidationError, listing, suggest
 from .workflow import InputSpec, input_specs
 
+__all__ = ["GraphError", "GraphValidationError", "validate_api", "is_link", "links_of", "types_match", "class_hook",
+           "topological_order"]
+
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-@dataclass
-class GraphError:
-    """One problem found in a graph; ``kind`` follows ComfyUI's error types where one exists."""
-    kind: str
-    message: str
-    node_id: str | None = None
-    class_type: str | None = None
-    input_name: str | None = None
-
-    def __str__(self) -> str:
-        where = f"node {self.node_id} ({self.class_type})" if self.node_id is not None else "graph"
-        if self.input_name:
-            where += f" input '{self.input_name}'"
-        return f"{where}: {self.message}"
-
-
-class GraphValidationError(ValueError):
-    """The graph is invalid; ``errors`` lists every problem."""
-
-    def __init__(self, errors: list[GraphError]):
-        self.errors = list(errors)
-        super().__init__("invalid workflow:\n" + "\n".join(f"  {e}" for e in self.errors))
 
 
 def is_link(value: Any) -> bool:
@@ -106,7 +85,13 @@ def _validate_node(nid: str, api: dict, registry: dict) -> list[GraphError]:
     params = inspect.signature(check).parameters if check else {}
     takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
     received = {}
-    for name, spec in input_specs(cls).items():
+    specs = input_specs(cls)
+    declared = [n for n, sp in specs.items() if sp.category != "hidden"]
+    for name in inputs:
+        if name not in specs:  # ComfyUI ignores these; here a typo must not pass silently
+            errors.append(GraphError("unknown_input", f"{ct} has no input {name!r}{suggest(name, declared)} "
+                                                      f"(its inputs: {', '.join(declared) or 'none'})", nid, ct, name))
+    for name, spec in specs.items():
         def err(kind, msg, name=name):
             errors.append(GraphError(kind, msg, nid, ct, name))
         if spec.category == "hidden":
@@ -156,8 +141,8 @@ def _validate_node(nid: str, api: dict, registry: dict) -> list[GraphError]:
         elif hi is not None and value > hi:
             err("value_bigger_than_max", f"value {value} is bigger than the maximum {hi}")
         elif combo is not None and value not in combo:
-            shown = combo if len(combo) <= 20 else f"a list of {len(combo)} values"
-            err("value_not_in_list", f"value {value!r} is not one of {shown}")
+            err("value_not_in_list", f"value {value!r} is not one of the choices{suggest(value, combo)} "
+                                     f"(choices: {listing(combo)})")
     if check is not None and not errors:
         kwargs = {k: (None if is_link(v) else v) for k, v in inputs.items() if k in params or takes_all}
         if "input_types" in params:
@@ -178,30 +163,96 @@ def links_of(node: dict):
 
 
 def _cycles(api: dict, nodes: set) -> list[GraphError]:
-    """One error per node on a cycle (depth-first search from consumers to their sources)."""
-    done, stack, via, errors, reported = set(), [], {}, [], set()
-
-    def visit(nid):
-        stack.append(nid)
-        for name, src in links_of(api[nid]):
-            via[nid] = name
-            if src in stack:
-                loop = stack[stack.index(src):]
-                chain = " <- ".join(loop + [src])
-                for n in loop:
-                    if n not in reported:
-                        reported.add(n)
-                        errors.append(GraphError("dependency_cycle", f"is part of a dependency cycle ({chain})",
-                                                 n, api[n]["class_type"], via[n]))
-            elif src in nodes and src not in done:
-                visit(src)
-        stack.pop()
-        done.add(nid)
-
-    for nid in sorted(nodes, key=_id_key):
-        if nid not in done:
-            visit(nid)
+    """One error per node on a cycle (strongly connected components, found without recursion)."""
+    errors = []
+    for comp in _components(api, nodes):
+        members = set(comp)
+        if len(comp) == 1 and comp[0] not in {src for _, src in links_of(api[comp[0]])}:
+            continue  # a single node without a self link is no cycle
+        chain = " <- ".join(_cycle_path(api, min(comp, key=_id_key), members))
+        for n in sorted(comp, key=_id_key):
+            via = next((name for name, src in links_of(api[n]) if src in members), None)
+            errors.append(GraphError("dependency_cycle", f"is part of a dependency cycle ({chain})",
+                                     n, api[n]["class_type"], via))
     return errors
+
+
+def _components(api: dict, nodes: set) -> list[list[str]]:
+    """Tarjan's strongly connected components over consumer -> source links, with an explicit stack."""
+    index, low, on_stack, stack, comps, counter = {}, {}, set(), [], [], 0
+    for root in sorted(nodes, key=_id_key):
+        if root in index:
+            continue
+        work = [(root, iter([s for _, s in links_of(api[root]) if s in nodes]))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            nid, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter([s for _, s in links_of(api[child]) if s in nodes])))
+                elif child in on_stack:
+                    low[nid] = min(low[nid], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[nid])
+            if low[nid] == index[nid]:
+                comp = []
+                while True:
+                    top = stack.pop()
+                    on_stack.discard(top)
+                    comp.append(top)
+                    if top == nid:
+                        break
+                comps.append(comp)
+    return comps
+
+
+def _cycle_path(api: dict, start: str, members: set) -> list[str]:
+    """One cycle through ``start`` inside a component (breadth-first), as node ids ending with ``start``."""
+    parent, todo = {start: None}, [start]
+    while todo:
+        nid = todo.pop(0)
+        for _, src in links_of(api[nid]):
+            if src == start:
+                path = [nid]
+                while parent[path[-1]] is not None:
+                    path.append(parent[path[-1]])
+                return list(reversed(path)) + [start] if path[-1] == start else [start] + list(reversed(path))
+            if src in members and src not in parent:
+                parent[src] = nid
+                todo.append(src)
+    return [start, start]
+
+
+def topological_order(api: dict, roots: list[str]) -> list[str]:
+    """Every node ``roots`` need, sources before consumers, each root after its own sources (depth-first
+    post-order from the roots in order, kept on an explicit stack: a long chain cannot overflow)."""
+    order, seen = [], set()
+    for root in roots:
+        if root in seen:
+            continue
+        seen.add(root)
+        work = [(root, iter(links_of(api[root])))]
+        while work:
+            nid, children = work[-1]
+            for _, src in children:
+                if src not in seen and src in api:
+                    seen.add(src)
+                    work.append((src, iter(links_of(api[src]))))
+                    break
+            else:
+                work.pop()
+                order.append(nid)
+    return order
 
 
 def _needed(api: dict, outputs: list[str]) -> set:
@@ -225,8 +276,14 @@ def _normalize(api: dict) -> tuple[dict, list[GraphError]]:
         if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
             errors.append(GraphError("invalid_prompt", "node has no class_type", nid, None))
             continue
-        inputs = node.get("inputs") or {}
-        out[nid] = {**node, "inputs": dict(inputs) if isinstance(inputs, dict) else {}}
+        inputs = node.get("inputs", {})
+        if inputs is None:
+            inputs = {}
+        if not isinstance(inputs, dict):
+            errors.append(GraphError("invalid_prompt", f"'inputs' must be an object of input names, got "
+                                                       f"{type(inputs).__name__}", nid, node["class_type"]))
+            continue
+        out[nid] = {**node, "inputs": dict(inputs)}
     return out, errors
 
 
@@ -251,4 +308,4 @@ def validate_api(api: dict, registry: dict) -> tuple[dict, list[GraphError], lis
 
 
 def _id_key(nid: str):
-    return (0, int(nid), "") if nid.isdigit() else (1, 0, nid)
+    return (0, int(nid), "") if nid.isascii() and nid.isdigit() else (1, 0, nid)

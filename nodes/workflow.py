@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import GraphError, GraphValidationError, suggest
+
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 FRONTEND_ONLY = ("Reroute", "PrimitiveNode", "Note", "MarkdownNote")
 MUTED, BYPASSED = 2, 4
 SEED_NAMES = ("seed", "noise_seed")  # the editor adds control_after_generate to these by default
+MAX_JSON_DEPTH = 64  # nesting of arrays / objects in a workflow; the editor's own files stay under 12
+MAX_WORKFLOW_BYTES = 64 * 2 ** 20  # a workflow file (JSON) larger than this is refused before it is read
 
 
 # ----------------------------------------------------------------------------- node schemas
@@ -103,92 +107,235 @@ def is_ui_format(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("nodes"), list)
 
 
+def check_depth(data: Any, source: str, limit: int = MAX_JSON_DEPTH) -> None:
+    """ValueError naming ``source`` when arrays / objects nest deeper than ``limit`` (checked without recursion)."""
+    todo = [(data, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, (list, tuple)):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            raise ValueError(f"{source}: nested deeper than {limit} levels of arrays / objects; not a workflow")
+        todo.extend((child, depth + 1) for child in children)
+
+
+def parse_json(text: str, source: str) -> Any:
+    """json.loads with the nesting limit; ValueError naming the source for bad or too deeply nested JSON."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{source}: nested deeper than {MAX_JSON_DEPTH} levels of arrays / objects; "
+                         "not a workflow") from None
+    check_depth(data, source)
+    return data
+
+
 def as_workflow(data: Any, source: str = "<dict>") -> Workflow:
     """Wrap a parsed JSON document (API graph, UI graph, or a ``POST /prompt`` body)."""
     if isinstance(data, Workflow):
         return data
     if not isinstance(data, dict):
         raise ValueError(f"{source}: a workflow must be a JSON object, got {type(data).__name__}")
+    check_depth(data, source)
     if is_ui_format(data):
         return Workflow(ui=data, source=source)
     if isinstance(data.get("prompt"), dict) and "class_type" not in data["prompt"]:  # a POST /prompt body
-        ui = (data.get("extra_data") or {}).get("extra_pnginfo", {}).get("workflow")
-        return Workflow(api=data["prompt"], ui=ui, source=source)
+        extra = data.get("extra_data")
+        pnginfo = extra.get("extra_pnginfo") if isinstance(extra, dict) else None
+        ui = pnginfo.get("workflow") if isinstance(pnginfo, dict) else None
+        return Workflow(api=data["prompt"], ui=ui if is_ui_format(ui) else None, source=source)
     return Workflow(api=data, source=source)
 
 
 def read_png_text(path) -> dict[str, str]:
-    """tEXt / iTXt chunks of a PNG as ``{key: text}``."""
-    from PIL import Image
-    with Image.open(path) as im:
-        im.load()
-        return {k: v for k, v in getattr(im, "text", im.info).items() if isinstance(v, str)}
+    """tEXt / iTXt / zTXt chunks of a PNG as ``{key: text}``; ValueError naming the file when it is broken."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return {k: v for k, v in getattr(im, "text", im.info).items() if isinstance(v, str)}
+    except (UnidentifiedImageError, SyntaxError, OSError, ValueError, EOFError) as e:
+        # Pillow: SyntaxError for a broken chunk, ValueError for a text chunk over its size limit
+        raise ValueError(f"{path}: not a readable PNG ({type(e).__name__}: {e})") from None
 
 
 def load_workflow(path) -> Workflow:
     """Load a workflow from a JSON file (either format) or a PNG carrying ``prompt`` / ``workflow``."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such workflow file")
+    if path.stat().st_size > MAX_WORKFLOW_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, over the {MAX_WORKFLOW_BYTES} a workflow may have")
     with open(path, "rb") as f:
         head = f.read(8)
     if head == b"\x89PNG\r\n\x1a\n":
         text = read_png_text(path)
         if "prompt" not in text and "workflow" not in text:
             raise ValueError(f"{path}: PNG has no 'prompt' or 'workflow' text chunk")
-        try:
-            api = json.loads(text["prompt"]) if "prompt" in text else None
-            ui = json.loads(text["workflow"]) if "workflow" in text else None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: a PNG text chunk is not valid JSON ({e})") from None
+        api = parse_json(text["prompt"], f"{path} (text chunk 'prompt')") if "prompt" in text else None
+        ui = parse_json(text["workflow"], f"{path} (text chunk 'workflow')") if "workflow" in text else None
+        if api is not None and not isinstance(api, dict):
+            raise ValueError(f"{path}: text chunk 'prompt' holds a {type(api).__name__}, not a workflow object")
+        if ui is not None and not is_ui_format(ui):
+            if api is None:
+                raise ValueError(f"{path}: text chunk 'workflow' is not an editor workflow (no 'nodes' list)")
+            ui = None  # the API graph runs; an unusable editor copy is not carried along
         extra = {k: v for k, v in text.items() if k not in ("prompt", "workflow")}
         return Workflow(api=api, ui=ui, source=str(path), extra=extra)
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return as_workflow(data, str(path))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                         "a workflow is a UTF-8 JSON file or a PNG") from None
+    return as_workflow(parse_json(text, str(path)), str(path))
 
 
 # ----------------------------------------------------------------------------- UI -> API
 
-def _links(ui: dict) -> dict:
-    """``{link_id: (origin_id, origin_slot, target_id, target_slot, type)}`` for both schemas."""
-    out = {}
-    for link in ui.get("links") or []:
+def _is_id(value) -> bool:
+    """A node or link id as the editor writes it: an integer or a string (never a bool, float or container)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
+
+
+def _is_slot(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_ui(ui: dict) -> tuple[dict, dict]:
+    """``(nodes by id, links by id)`` of an editor workflow, every structure checked first: a malformed node,
+    socket or link is a GraphError naming it (``GraphValidationError`` with all of them), never a crash."""
+    errors, nodes, links = [], {}, {}
+
+    def bad(message, node_id=None, class_type=None, field=None):
+        errors.append(GraphError("invalid_workflow", message, None if node_id is None else str(node_id),
+                                 class_type, field))
+
+    for i, node in enumerate(ui.get("nodes") or []):
+        if not isinstance(node, dict):
+            bad(f"entry {i} of 'nodes' is a {type(node).__name__}, not a node object", field=f"nodes[{i}]")
+            continue
+        nid, kind = node.get("id"), node.get("type")
+        if not _is_id(nid):
+            bad(f"entry {i} of 'nodes' has no valid 'id' (got {nid!r})", field=f"nodes[{i}].id")
+            continue
+        if not isinstance(kind, str):
+            bad(f"node has no valid 'type' (got {kind!r})", nid, None, "type")
+            continue
+        if nid in nodes or str(nid) in {str(k) for k in nodes}:
+            bad("two nodes have this id", nid, kind, "id")
+            continue
+        mode = node.get("mode", 0)
+        if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool)):
+            bad(f"'mode' must be an integer, got {mode!r}", nid, kind, "mode")
+            continue
+        values = node.get("widgets_values")
+        if values is not None and not isinstance(values, (list, dict)):
+            bad(f"'widgets_values' must be a list or an object, got {type(values).__name__}", nid, kind,
+                "widgets_values")
+            continue
+        if node.get("title") is not None and not isinstance(node.get("title"), str):
+            bad(f"'title' must be a string, got {type(node['title']).__name__}", nid, kind, "title")
+            continue
+        ok = True
+        for key, need in (("inputs", ("name",)), ("outputs", ())):
+            sockets = node.get(key)
+            if sockets is None:
+                continue
+            if not isinstance(sockets, list):
+                bad(f"'{key}' must be a list, got {type(sockets).__name__}", nid, kind, key)
+                ok = False
+                continue
+            for j, sock in enumerate(sockets):
+                where = f"{key}[{j}]"
+                if not isinstance(sock, dict):
+                    bad(f"{where} is a {type(sock).__name__}, not a socket object", nid, kind, where)
+                    ok = False
+                elif any(not isinstance(sock.get(k), str) for k in need):
+                    bad(f"{where} has no valid 'name' (got {sock.get('name')!r})", nid, kind, where)
+                    ok = False
+                elif sock.get("link") is not None and not _is_id(sock.get("link")):
+                    bad(f"{where}.link must be a link id, got {sock.get('link')!r}", nid, kind, where)
+                    ok = False
+                elif sock.get("widget") is not None and not (isinstance(sock["widget"], dict) and
+                                                             isinstance(sock["widget"].get("name", ""), str)):
+                    bad(f"{where}.widget must be an object with a 'name', got {sock['widget']!r}", nid, kind, where)
+                    ok = False
+                elif sock.get("type") is not None and not isinstance(sock["type"], (str, list)):
+                    bad(f"{where}.type must be a type name, got {sock['type']!r}", nid, kind, where)
+                    ok = False
+        if ok:
+            nodes[nid] = node
+
+    raw_links = ui.get("links")
+    if raw_links is not None and not isinstance(raw_links, list):
+        bad(f"'links' must be a list, got {type(raw_links).__name__}", field="links")
+        raw_links = []
+    for i, link in enumerate(raw_links or []):
         if isinstance(link, dict):
             link = [link.get(k) for k in ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")]
-        out[link[0]] = tuple(link[1:6])
-    return out
+        if not isinstance(link, list) or len(link) < 5:
+            bad(f"link entry {i} must be [id, from_node, from_slot, to_node, to_slot, type] or a link object, "
+                f"got {link!r}"[:300], field=f"links[{i}]")
+            continue
+        lid, origin, slot, target, tslot = link[:5]
+        if not (_is_id(lid) and _is_id(origin) and _is_slot(slot) and _is_id(target) and _is_slot(tslot)):
+            bad(f"link {lid!r}: ids must be integers or strings and slots integers >= 0, got {link[:5]!r}"[:300],
+                field=f"links[{i}]")
+            continue
+        if lid in links:
+            bad(f"link {lid!r} appears twice", field=f"links[{i}]")
+            continue
+        links[lid] = (origin, slot, target, tslot, link[5] if len(link) > 5 else None)
+    if errors:
+        raise GraphValidationError(errors)
+    return nodes, links
 
 
-def _resolve(link_id, nodes: dict, links: dict, seen=()) -> Any:
-    """Follow a UI link through Reroute / bypass / PrimitiveNode to its API source.
+def _links(ui: dict) -> dict:
+    """``{link_id: (origin_id, origin_slot, target_id, target_slot, type)}`` for both schemas."""
+    return _check_ui(ui)[1]
+
+
+def _resolve(link_id, nodes: dict, links: dict) -> Any:
+    """Follow a UI link through Reroute / bypass / PrimitiveNode to its API source (a loop, never recursion;
+    a link seen twice ends the walk).
 
     Returns ``["<id>", slot]`` (a link), ``("value", v)`` (a primitive's value) or None (no source).
     """
-    if link_id is None or link_id not in links or link_id in seen:
-        return None
-    seen = (*seen, link_id)
-    origin, slot = links[link_id][0], links[link_id][1]
-    node = nodes.get(origin)
-    if node is None:  # dangling: left for validation to report
-        return [str(origin), slot]
-    kind, mode = node.get("type"), node.get("mode", 0)
-    if kind == "Reroute":
-        return _resolve(next((i.get("link") for i in node.get("inputs") or []), None), nodes, links, seen)
-    if kind == "PrimitiveNode":
-        values = node.get("widgets_values") or []
-        return ("value", values[0]) if values else None
-    if kind in FRONTEND_ONLY or mode == MUTED:
-        return None
-    if mode == BYPASSED:  # pass through an input of the output's type, same slot index first
-        outs = node.get("outputs") or []
-        want = outs[slot].get("type") if slot < len(outs) else None
+    seen = set()
+    while link_id is not None and link_id in links and link_id not in seen:
+        seen.add(link_id)
+        origin, slot = links[link_id][0], links[link_id][1]
+        node = nodes.get(origin)
+        if node is None:  # dangling: left for validation to report
+            return [str(origin), slot]
+        kind, mode = node.get("type"), node.get("mode", 0)
         ins = node.get("inputs") or []
-        for inp in ins[slot:slot + 1] + ins:
-            if inp.get("link") is not None and inp.get("type") == want:
-                return _resolve(inp["link"], nodes, links, seen)
-        return None
-    return [str(origin), slot]
+        if kind == "Reroute":
+            link_id = next((i.get("link") for i in ins), None)
+            continue
+        if kind == "PrimitiveNode":
+            values = node.get("widgets_values") or []
+            if isinstance(values, dict):
+                values = list(values.values())
+            return ("value", values[0]) if values else None
+        if kind in FRONTEND_ONLY or mode == MUTED:
+            return None
+        if mode == BYPASSED:  # pass through an input of the output's type, same slot index first
+            outs = node.get("outputs") or []
+            want = outs[slot].get("type") if slot < len(outs) else None
+            link_id = next((inp["link"] for inp in ins[slot:slot + 1] + ins
+                            if inp.get("link") is not None and inp.get("type") == want), None)
+            continue
+        return [str(origin), slot]
+    return None
 
 
 def convert_ui_to_api(ui: dict, registry: dict | None = None) -> dict:
@@ -196,11 +343,13 @@ def convert_ui_to_api(ui: dict, registry: dict | None = None) -> dict:
 
     Muted / bypassed / frontend-only nodes are dropped; links are followed through them. Node classes
     missing from the registry keep their links only (validation then reports the unknown class_type).
+    A malformed file raises ``GraphValidationError`` naming each bad node, socket or link.
     """
     registry = default_registry() if registry is None else registry
-    nodes = {n["id"]: n for n in ui.get("nodes", [])}
-    links = _links(ui)
-    api = {}
+    if not is_ui_format(ui):
+        raise GraphValidationError([GraphError("invalid_workflow", "an editor workflow needs a 'nodes' list")])
+    nodes, links = _check_ui(ui)
+    api, errors = {}, []
     for nid, node in nodes.items():
         kind = node.get("type")
         if kind in FRONTEND_ONLY or node.get("mode", 0) in (MUTED, BYPASSED):
@@ -208,13 +357,18 @@ def convert_ui_to_api(ui: dict, registry: dict | None = None) -> dict:
         cls = registry.get(kind)
         inputs: dict[str, Any] = {}
         values = node.get("widgets_values")
-        if cls is not None and isinstance(values, dict):  # some editors save widgets by name
-            specs = input_specs(cls)
-            inputs.update({k: v for k, v in values.items() if k in specs and specs[k].is_widget})
-        elif cls is not None and values:
-            for name, value in zip(widget_slots(cls, len(values)), values):
-                if name is not None:
-                    inputs[name] = value
+        try:
+            if cls is not None and isinstance(values, dict):  # some editors save widgets by name
+                specs = input_specs(cls)
+                inputs.update({k: v for k, v in values.items() if k in specs and specs[k].is_widget})
+            elif cls is not None and values:
+                for name, value in zip(widget_slots(cls, len(values)), values):
+                    if name is not None:
+                        inputs[name] = value
+        except Exception as e:  # a node class whose INPUT_TYPES cannot be read
+            errors.append(GraphError("invalid_workflow", f"cannot read the inputs of {kind}: "
+                                                         f"{type(e).__name__}: {e}", str(nid), kind))
+            continue
         for inp in node.get("inputs") or []:
             name = (inp.get("widget") or {}).get("name") or inp.get("name")
             src = _resolve(inp.get("link"), nodes, links)
@@ -226,6 +380,8 @@ def convert_ui_to_api(ui: dict, registry: dict | None = None) -> dict:
         if node.get("title"):
             entry["_meta"] = {"title": node["title"]}
         api[str(nid)] = entry
+    if errors:
+        raise GraphValidationError(errors)
     return api
 
 
@@ -247,24 +403,49 @@ def parse_value(text: str) -> Any:
         return text
 
 
+class OverrideError(KeyError):
+    """An override (``--set NODE.INPUT=VALUE``) that names no node or no input; fields as in GraphError."""
+
+    def __init__(self, message: str, node_id: str | None = None, class_type: str | None = None,
+                 input_name: str | None = None):
+        super().__init__(message)
+        self.message, self.node_id, self.class_type, self.input_name = message, node_id, class_type, input_name
+
+    def __str__(self) -> str:
+        return self.message
+
+    def graph_error(self) -> GraphError:
+        return GraphError("bad_override", self.message, self.node_id, self.class_type, self.input_name)
+
+
 def find_node(api: dict, ref: str) -> str:
     """Node id for ``ref``: an id, else a unique title (``_meta.title``), else a unique class_type."""
     if ref in api:
         return ref
+    names = {}
     for key in ("title", "class_type"):
-        hits = [nid for nid, n in api.items()
-                if (n.get("_meta", {}).get("title") if key == "title" else n.get("class_type")) == ref]
+        hits = [nid for nid, n in api.items() if isinstance(n, dict) and
+                ((n.get("_meta") or {}).get("title") if key == "title" else n.get("class_type")) == ref]
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
-            raise KeyError(f"node {ref!r} is ambiguous: it matches nodes {', '.join(hits)}")
-    raise KeyError(f"no node {ref!r} (give a node id, a title or a class_type)")
+            raise OverrideError(f"node {ref!r} is ambiguous: it matches nodes {', '.join(hits)}; give the id")
+    for nid, n in api.items():
+        if isinstance(n, dict):
+            title = (n.get("_meta") or {}).get("title") if isinstance(n.get("_meta"), dict) else None
+            names[nid] = f"{nid} ({title or n.get('class_type')})"
+    choices = list(api) + [(n.get("_meta") or {}).get("title") for n in api.values()
+                           if isinstance(n, dict) and isinstance(n.get("_meta"), dict)]
+    raise OverrideError(f"no node {ref!r}{suggest(ref, [c for c in choices if isinstance(c, str)])} "
+                        f"(give a node id, a title or a class_type; the nodes: {', '.join(names.values())})")
 
 
-def apply_overrides(api: dict, overrides: dict | None) -> list[tuple[str, str, Any]]:
+def apply_overrides(api: dict, overrides: dict | None, registry: dict | None = None) -> list[tuple[str, str, Any]]:
     """Set inputs: ``{"NODE.INPUT": value}`` or ``{"NODE": {"INPUT": value}}`` (NODE: see find_node).
 
-    Returns the ``(node id, input, value)`` changes made; KeyError for an unknown node.
+    Returns the ``(node id, input, value)`` changes made. ``OverrideError`` (a KeyError) for an unknown node,
+    and, given the registry, for an input the node's class does not have (with the close match and the
+    inputs it has).
     """
     done = []
     for key, value in (overrides or {}).items():
@@ -273,11 +454,21 @@ def apply_overrides(api: dict, overrides: dict | None) -> list[tuple[str, str, A
         else:
             ref, sep, name = str(key).rpartition(".")
             if not sep or not ref or not name:
-                raise KeyError(f"override {key!r} must look like NODE.INPUT")
+                raise OverrideError(f"override {key!r} must look like NODE.INPUT")
             pairs = [(ref, name, value)]
         for ref, name, v in pairs:
             nid = find_node(api, ref)
-            api[nid].setdefault("inputs", {})[name] = v
+            node = api[nid]
+            cls = registry.get(node.get("class_type")) if registry is not None and isinstance(node, dict) else None
+            if cls is not None:
+                declared = [n for n, sp in input_specs(cls).items() if sp.category != "hidden"]
+                if name not in declared:
+                    raise OverrideError(f"{node['class_type']} has no input {name!r}{suggest(name, declared)} "
+                                        f"(its inputs: {', '.join(declared) or 'none'})",
+                                        nid, node["class_type"], name)
+            if not isinstance(node, dict) or not isinstance(node.setdefault("inputs", {}), dict):
+                raise OverrideError(f"node {nid} is malformed (no inputs object)", nid)
+            node["inputs"][name] = v
             done.append((nid, name, v))
     return done
 
@@ -285,9 +476,10 @@ def apply_overrides(api: dict, overrides: dict | None) -> list[tuple[str, str, A
 def apply_overrides_ui(ui: dict, changes: list, registry: dict) -> dict:
     """A copy of an editor workflow with the same changes in its widget values (for EXTRA_PNGINFO)."""
     ui = json.loads(json.dumps(ui))
-    nodes = {str(n["id"]): n for n in ui.get("nodes", [])}
+    nodes = {str(n["id"]): n for n in ui.get("nodes") or [] if isinstance(n, dict) and _is_id(n.get("id"))}
     for nid, name, value in changes:
-        node, cls = nodes.get(nid), registry.get((nodes.get(nid) or {}).get("type"))
+        node = nodes.get(nid)
+        cls = registry.get(node.get("type")) if node is not None and isinstance(node.get("type"), str) else None
         values = (node or {}).get("widgets_values")
         if cls is None or values is None:
             continue

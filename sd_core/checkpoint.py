@@ -30,7 +30,7 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -275,7 +275,7 @@ def _metadata_config(path, metadata: Mapping):
         return None
     try:
         return SDConfig.from_dict(json.loads(text))
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         raise CheckpointError(path, f"metadata {CONFIG_METADATA_KEY} is not a valid SDConfig: {e}") from None
 
 
@@ -366,6 +366,115 @@ def _divisor(preferred: int, channels: list) -> int:
     return math.gcd(preferred, *channels)
 
 
+# ---------------------------------------------------------------------------------------------- sanity checks
+# A file's metadata and tensors are checked before anything is built from them: the config comes from the
+# tensor shapes wherever they decide it (metadata values there are only a cross-check), every other value must
+# lie in a sane range, weights must have a float dtype, and index tensors (position_ids) must be in range.
+
+_LIMITS = {"model_channels": 16384, "channel_mult": 8, "num_res_blocks": 16, "transformer_depth": 64,
+           "context_dim": 16384, "in_channels": 64, "out_channels": 64, "vocab_size": 1 << 20, "max_positions": 4096,
+           "width": 16384, "layers": 128, "mlp_width": 65536, "image_channels": 16, "latent_channels": 64,
+           "base_channels": 4096}
+_FROM_SHAPES = {"unet": ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
+                         "attention_levels", "transformer_depth", "context_dim"),
+                "clip": ("vocab_size", "max_positions", "width", "layers", "mlp_width"),
+                "vae": ("image_channels", "latent_channels", "base_channels", "channel_mult", "num_res_blocks")}
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8) + _WEIGHT_DTYPES
+
+
+def checked_config(path, config, entries: Mapping, vae_only: bool = False):
+    """The config to build: the tensor shapes' (inferred) values, the metadata's ``config`` for what shapes
+    do not decide (heads, groups, eps, token ids, latent scale), every value checked. CheckpointError naming
+    the file and the value otherwise. ``vae_only``: entries are a standalone VAE's; returns a VAEConfig."""
+    try:
+        inferred = {"vae": infer_vae_config(entries, "" if vae_only else VAE, path)}
+        if not vae_only:
+            inferred.update(unet=infer_unet_config(entries, path=path), clip=infer_clip_config(entries, path=path))
+    except (ZeroDivisionError, IndexError, ValueError, TypeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(path, f"the tensor shapes give no usable config ({type(e).__name__}: {e})") from None
+    given = None if config is None else ({"vae": config.vae} if vae_only else
+                                         {"unet": config.unet, "clip": config.clip, "vae": config.vae})
+    parts = {}
+    for part, shaped in inferred.items():
+        for name in _FROM_SHAPES[part]:
+            value = getattr(shaped, name)
+            bound = _LIMITS.get(name)
+            sized = len(value) if isinstance(value, tuple) else value
+            if bound is not None and not 1 <= sized <= bound:
+                raise CheckpointError(path, f"the tensor shapes give {part} {name} = {value!r}, outside 1..{bound}")
+            if isinstance(value, tuple) and any(not isinstance(v, int) or v < (0 if name == "attention_levels" else 1)
+                                                or v > 64 for v in value):
+                raise CheckpointError(path, f"the tensor shapes give {part} {name} = {value!r}")
+        if given is None:
+            parts[part] = shaped
+            continue
+        try:  # shapes win; the rest comes from the metadata
+            parts[part] = replace(given[part], **{n: getattr(shaped, n) for n in _FROM_SHAPES[part]})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(path, f"metadata {CONFIG_METADATA_KEY} is not a valid config: {e}") from None
+    _check_free_values(path, parts)
+    return parts["vae"] if vae_only else SDConfig(unet=parts["unet"], clip=parts["clip"], vae=parts["vae"])
+
+
+def _check_free_values(path, parts: dict) -> None:
+    """Ranges of the values the shapes do not decide (they may come from a file's metadata)."""
+    def need(ok, part, name, value, rule):
+        if not ok:
+            raise CheckpointError(path, f"{part} {name} = {value!r} is not usable: it must be {rule}")
+
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if "unet" in parts:
+        u = parts["unet"]
+        channels = [u.model_channels * m for m in u.channel_mult]
+        need(count(u.num_heads) and all(c % u.num_heads == 0 for c in channels), "unet", "num_heads", u.num_heads,
+             f"an integer >= 1 dividing every level's channels {channels}")
+        need(count(u.norm_groups) and all(c % u.norm_groups == 0 for c in channels), "unet", "norm_groups",
+             u.norm_groups, f"an integer >= 1 dividing every level's channels {channels}")
+        need(all(0 <= a < len(u.channel_mult) for a in u.attention_levels), "unet", "attention_levels",
+             u.attention_levels, f"level numbers below {len(u.channel_mult)}")
+    if "clip" in parts:
+        c = parts["clip"]
+        need(count(c.heads) and c.width % c.heads == 0, "clip", "heads", c.heads,
+             f"an integer >= 1 dividing the width {c.width}")
+        need(isinstance(c.eps, (int, float)) and not isinstance(c.eps, bool) and 0 < c.eps < 1, "clip", "eps",
+             c.eps, "a number in (0, 1)")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(c, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < c.vocab_size, "clip", name, v,
+                 f"a token id in 0..{c.vocab_size - 1}")
+    v = parts["vae"]
+    channels = [v.base_channels * m for m in v.channel_mult]
+    need(count(v.norm_groups) and all(ch % v.norm_groups == 0 for ch in channels), "vae", "norm_groups",
+         v.norm_groups, f"an integer >= 1 dividing every level's channels {channels}")
+    sf = v.scaling_factor
+    need(isinstance(sf, (int, float)) and not isinstance(sf, bool) and math.isfinite(sf) and 0 < sf <= 100, "vae",
+         "scaling_factor", sf, "a finite number in (0, 100]")
+
+
+def check_tensors(path, tensors: Mapping, config=None, values: bool = False) -> None:
+    """Weights must have a float dtype we compute in (int8 or bool weights are refused, naming the keys);
+    with ``values``, index tensors (position_ids) must hold whole numbers in 0..max_positions-1."""
+    if not values:
+        bad = [k for k, e in tensors.items()
+               if e.dtype not in (_INDEX_DTYPES if k.endswith("position_ids") else _WEIGHT_DTYPES)]
+        if bad:
+            found = sorted({str(tensors[k].dtype).removeprefix("torch.") for k in bad})
+            raise CheckpointError(path, f"{len(bad)} tensors have a dtype the model cannot use ({', '.join(found)}; "
+                                        f"weights must be float16, bfloat16, float32 or float64): {_few(bad)}", bad)
+        return
+    limit = getattr(getattr(config, "clip", None), "max_positions", None)
+    for k, t in tensors.items():
+        if k.endswith("position_ids") and t.numel() and limit is not None:
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= limit:
+                raise CheckpointError(path, f"{k} holds positions {lo}..{hi}, outside 0..{limit - 1}", [k])
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 def load_checkpoint(path, device="cpu", dtype=None) -> StableDiffusion:
@@ -374,7 +483,7 @@ def load_checkpoint(path, device="cpu", dtype=None) -> StableDiffusion:
     with _open_tensors(path) as (raw, metadata):
         entries = _sd_entries(path, raw)
         _require_sd1(path, entries)
-        config = _metadata_config(path, metadata) or infer_config(entries, path)
+        config = checked_config(path, _metadata_config(path, metadata), entries)
         model = _on_meta(StableDiffusion, config)
         _load_into(path, model, entries, device, dtype)
     return model.eval()
@@ -387,7 +496,7 @@ def load_vae(path, device="cpu", dtype=None) -> AutoencoderKL:
     with _open_tensors(path) as (raw, metadata):
         entries = _vae_entries(path, raw)
         full = _metadata_config(path, metadata)
-        config = full.vae if full is not None else infer_vae_config(entries, "", path)
+        config = checked_config(path, full, entries, vae_only=True)
         model = _on_meta(AutoencoderKL, config)
         _load_into(path, model, entries, device, dtype)
     return model.eval()
@@ -402,8 +511,10 @@ def _load_into(path, model: torch.nn.Module, entries: dict, device, dtype) -> No
     """Check names and shapes, then convert tensor by tensor straight to device/dtype and assign."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _check_keys(path, expected, entries)
+    check_tensors(path, {k: entries[k] for k in expected}, getattr(model, "config", None))
     dtype = dtype or _file_float_dtype(entries)
     state = {k: _convert(k, entries[k], expected[k], device, dtype) for k in expected}
+    check_tensors(path, state, getattr(model, "config", None), values=True)
     model.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
@@ -517,11 +628,27 @@ def _atomic_save_file(tensors: dict, path: Path, metadata: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def _new_file_mode() -> int:
-    """The mode open() would give a new file: 0666 minus the process umask."""
-    umask = os.umask(0)
+def _read_umask() -> int:
+    """The process umask, read once at import (from /proc where shown, else set and restored once then),
+    never toggled while other threads may be creating files."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+_NEW_FILE_MODE = 0o666 & ~_read_umask()
+
+
+def _new_file_mode() -> int:
+    """The mode open() would give a new file: 0666 minus the process umask (as read at import)."""
+    return _NEW_FILE_MODE
 
 
 def _few(keys: list) -> str:

@@ -207,9 +207,7 @@ def test_load_straight_to_cuda(tmp_path, suffix):
 
 
 def test_saved_file_gets_the_usual_mode_not_the_temp_files_0600(tmp_path):
-    old = os.umask(0o022)
-    try:
-        path = save_checkpoint(tiny_model(), tmp_path / "m.safetensors")
-    finally:
-        os.umask(old)
-    assert (path.stat().st_mode & 0o777) == 0o644
+    umask = os.umask(0o022)  # the process umask (read once at import by the module; unchanged since)
+    os.umask(umask)
+    path = save_checkpoint(tiny_model(), tmp_path / "m.safetensors")
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~umask

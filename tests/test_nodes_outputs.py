@@ -171,11 +171,9 @@ def test_a_failing_or_cancelled_run_writes_no_file(tmp_path, last):
 
 def test_committed_files_get_the_usual_mode_not_the_temp_files_0600(tmp_path):
     import os
-    old = os.umask(0o022)
-    try:
-        txn = outputs.OutputTransaction()
-        txn.stage(tmp_path, "a", 1, _write(b"one"), {})
-        (placed,) = txn.commit()
-    finally:
-        os.umask(old)
-    assert (placed.stat().st_mode & 0o777) == 0o644
+    umask = os.umask(0o022)  # the process umask (read once at import by the module; unchanged since)
+    os.umask(umask)
+    txn = outputs.OutputTransaction()
+    txn.stage(tmp_path, "a", 1, _write(b"one"), {})
+    (placed,) = txn.commit()
+    assert (placed.stat().st_mode & 0o777) == 0o666 & ~umask
