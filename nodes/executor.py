@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import json
 import math
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,13 +172,39 @@ class Executor:
             key = (nid, ct)
             if key not in self.objects:
                 self.objects[key] = cls()
-            return _call(cls, getattr(self.objects[key], cls.FUNCTION), args)
+            outputs = _call(cls, getattr(self.objects[key], cls.FUNCTION), args)
+            _check_finite(ct, cls, outputs[0])
+            return outputs
         except progress.Interrupted:
             raise
         except Exception as e:
             if type(e).__name__ == "InterruptProcessingException":  # ComfyUI's cancel
                 raise
             raise NodeExecutionError(nid, ct, e, result) from e
+
+
+def _tensors(value, depth: int = 0):
+    """Float tensors in a node output: a tensor, or inside dicts / lists / tuples (LATENT, CONDITIONING)."""
+    torch = sys.modules.get("torch")
+    if torch is None or depth > 3:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v, depth + 1)
+
+
+def _check_finite(ct: str, cls, outputs: tuple) -> None:
+    """A node output holding NaN / inf stops the run (a blank picture is not a result), unless --allow-nan."""
+    names = tuple(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)
+    for slot, items in enumerate(outputs):
+        for t in _tensors(items):
+            progress.check_finite(ct, f"output {slot} ({names[slot] if slot < len(names) else '?'})", t)
 
 
 def _call(cls, fn, args: dict) -> tuple:

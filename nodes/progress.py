@@ -29,6 +29,31 @@ class Interrupted(Exception):
     """The run was cancelled; raised between steps and between nodes."""
 
 
+class NonFiniteError(ArithmeticError):
+    """A model output holds NaN or infinity (the picture would be blank); names the node and the step."""
+
+    def __init__(self, node: str, what: str, step: Optional[int] = None, total: Optional[int] = None):
+        at = f" at step {step + 1} of {total}" if step is not None else ""
+        super().__init__(f"{node}: {what}{at} is not finite (NaN or infinity), so the picture would be blank; "
+                         "check the weights and the prompt weights (or run with --allow-nan to look at it)")
+        self.node, self.what, self.step = node, what, step
+
+
+def allow_nan() -> bool:
+    """The runtime setting --allow-nan (headless only): let non-finite outputs through for debugging."""
+    from .runtime import get_settings
+    return bool(get_settings().allow_nan)
+
+
+def check_finite(node: str, what: str, tensor, step: Optional[int] = None, total: Optional[int] = None) -> None:
+    """Raise NonFiniteError when a float tensor holds NaN / inf (unless --allow-nan)."""
+    if tensor is None or not getattr(tensor, "is_floating_point", lambda: False)() or allow_nan():
+        return
+    import torch
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(node, what, step, total)
+
+
 def in_comfyui() -> bool:
     """True when running inside a ComfyUI server (which always imports comfy.model_management)."""
     return "comfy.model_management" in sys.modules

@@ -76,9 +76,10 @@ class _Progress:
 
     def __init__(self, total: int, desc: str):
         self.bar = progress.ProgressBar(total, desc=desc)
-        self.total, self.last_x0, self.previews = total, None, progress.previews_enabled()
+        self.total, self.last_x0, self.previews, self.node = total, None, progress.previews_enabled(), desc
 
     def __call__(self, step, x, denoised):
+        progress.check_finite(self.node, "the UNet's x0 estimate", denoised, step, self.total)  # stop, not blank
         self.last_x0 = denoised
         preview = latent_preview(denoised) if self.previews else None
         self.bar.update_absolute(step + 1, self.total, preview)

@@ -304,6 +304,9 @@ def validate_api(api: dict, registry: dict) -> tuple[dict, list[GraphError], lis
     for nid in sorted(needed, key=_id_key):
         errors += _validate_node(nid, api, registry)
     errors += _cycles(api, needed)
+    if not errors:  # what the graph will cost, before any work (the pack's budget; other nodes cost nothing)
+        from .budget import check_graph
+        errors += check_graph(api, topological_order(api, outputs), registry)
     return api, errors, outputs
 
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 WINDOW = 77  # tokens per CLIP window, start and end token included
 MAX_WORD_LENGTH = 8  # groups shorter than this move whole to the next window instead of splitting
 BRACKET_WEIGHT = 1.1
+MAX_NESTING = 32  # bracket levels in a prompt (1.1 ** 32 = 21x); deeper is refused
 EMBEDDING_PREFIX = "embedding:"
 EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
 # placeholders for escaped brackets while groups are matched (the same characters ComfyUI uses, so text
@@ -109,6 +110,13 @@ def parse_weights(text: str) -> list:
     [('a ', 1.0), ('b', 1.5), (' (c)', 1.0)]
     """
     text = text.replace("\\)", _ESC_CLOSE).replace("\\(", _ESC_OPEN)
+    depth = deepest = 0
+    for ch in text:  # the weighting walk recurses per bracket level: bound it with a clear error
+        depth += (ch == "(") - (ch == ")")
+        deepest = max(deepest, depth)
+    if deepest > MAX_NESTING:
+        raise ValueError(f"the prompt nests brackets {deepest} levels deep; at most {MAX_NESTING} "
+                         f"(each level multiplies the weight by {BRACKET_WEIGHT})")
     out = []
     _weigh(text, 1.0, out)
     return [(s.replace(_ESC_CLOSE, ")").replace(_ESC_OPEN, "("), w) for s, w in out]
