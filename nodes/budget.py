@@ -40,7 +40,7 @@ class _Cost:
         self.work = 0.0
         self.work_by = []        # (work, node id, class_type, input, description)
         self.kept = 0.0          # bytes of outputs kept during the run
-        self.peak = (0.0, None)  # (bytes, (node id, class_type, input, description))
+        self.working = []        # (bytes, node id, class_type, input, description): each node's working set
         self.errors: list[GraphError] = []
 
 
@@ -215,8 +215,7 @@ def _schedule(cost, nid, ct, steps: int, denoise) -> int:
 
 
 def _work_memory(cost, nbytes, nid, ct, input_name, what):
-    if nbytes > cost.peak[0]:
-        cost.peak = (nbytes, (nid, ct, input_name, what))
+    cost.working.append((float(nbytes), nid, ct, input_name, what))
 
 
 # ----------------------------------------------------------------------------- limits
@@ -284,12 +283,11 @@ def check_graph(api: dict, order: list[str], registry: Optional[dict] = None) ->
                                                     f"{' and more' if len(cost.work_by) > 1 else ''}); the ceiling is "
                                                     f"{max_work:,.0f} (max_work, GLASS_DIFFUSION_MAX_WORK)",
                                  nid, ct, name))
-    peak, blame = cost.peak
-    total = cost.kept + peak
-    if total > memory:
-        nid, ct, name, what = blame or (None, None, None, "its outputs")
-        errors.append(GraphError("resource_budget", f"needs about {total / GB:,.1f} GB ({what}: "
-                                                    f"{peak / GB:,.1f} GB, plus {cost.kept / GB:,.1f} GB of weights "
+    over = [w for w in cost.working if w[0] + cost.kept > memory] or (
+        [(0.0, None, None, None, "its weights and outputs")] if cost.kept > memory else [])
+    for nbytes, nid, ct, name, what in over:  # every node that cannot fit, each with its own figure
+        errors.append(GraphError("resource_budget", f"needs about {(nbytes + cost.kept) / GB:,.1f} GB ({what}: "
+                                                    f"{nbytes / GB:,.1f} GB, plus {cost.kept / GB:,.1f} GB of weights "
                                                     f"and outputs), more than the {memory / GB:,.1f} GB of {where}",
                                  nid, ct, name))
     return errors

@@ -71,10 +71,13 @@ def _guarded(job) -> int:
     previous = signal.getsignal(signal.SIGINT)
     cancel = threading.Event()  # this command's runs' cancel flag (progress.cancel_scope)
 
+    announced = []
+
     def on_sigint(signum, frame):
         if cancel.is_set():
             raise KeyboardInterrupt
-        print("\ncancelling at the next step (Ctrl-C again to stop now)", file=sys.stderr)
+        print("\ncancelling at the next step (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+        announced.append(True)
         cancel.set()
 
     main_thread = threading.current_thread() is threading.main_thread()
@@ -90,7 +93,8 @@ def _guarded(job) -> int:
         print(f"error: {e}", file=sys.stderr)
         return FAILED
     except (progress.Interrupted, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr)
+        if not announced:  # one line per interruption: the Ctrl-C handler already said it
+            print("interrupted", file=sys.stderr)
         return FAILED
     finally:
         if main_thread:
