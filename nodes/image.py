@@ -111,7 +111,11 @@ def save_images(images: torch.Tensor, filename_prefix: str, root: Path, *, node:
         raise NodeInputError(node, "filename_prefix", f"{filename_prefix!r} points outside the folder {root}")
     folder, name = target.parent, target.name
     subfolder = "" if folder == root else folder.relative_to(root).as_posix()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a subfolder should be, no permission, ...
+        raise NodeInputError(node, "filename_prefix", f"cannot make the folder {folder}: "
+                                                      f"{e.strerror or type(e).__name__}") from None
 
     metadata = PngInfo()
     if _metadata_disabled():

@@ -201,13 +201,15 @@ def test_failing_second_save_leaves_no_file_from_the_first(tmp_path_factory):
     """Save (-1) (node 8) stages its file, then Save (-2) (node 14) fails: the run writes nothing at all."""
     env = tiny_env(tmp_path_factory)
     out = env.output("second_save_fails")
-    bad = {**TINY_OVERRIDES["clip_skip"], "Save (-2).filename_prefix": "../outside"}
+    (out / "blocked").write_bytes(b"a file where the prefix wants a folder")  # fails only when it saves
+    bad = {**TINY_OVERRIDES["clip_skip"], "Save (-2).filename_prefix": "blocked/x"}
     ex = Executor()
     with env.settings(out), pytest.raises(NodeExecutionError, match="filename_prefix") as info:
         run_workflow(WORKFLOWS_DIR / "clip_skip.json", overrides=bad, executor=ex)
     assert info.value.node_id == "14" and "8" in info.value.partial.executed
     assert info.value.partial.ui == {}  # no names of files that were never written
-    assert saved_pngs(out) == [] and leftovers(out) == [] and list(out.parent.glob("outside*")) == []
+    assert saved_pngs(out) == [] and leftovers(out) == []
+    (out / "blocked").unlink()
     # the same executor saves again on the next (good) run: the rolled-back save was not cached
     with env.settings(out):
         result = run_workflow(WORKFLOWS_DIR / "clip_skip.json", overrides=TINY_OVERRIDES["clip_skip"], executor=ex)
