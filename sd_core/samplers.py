@@ -14,6 +14,7 @@ dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde) and diffusers' schedulers (ddim: DDIMSched
 lcm: LCMScheduler; uni_pc: UniPCMultistepScheduler). ComfyUI's `ddim` is Euler (plus fresh inpainting noise,
 handled in sampling.py): Euler on the k-diffusion variable is exactly deterministic DDIM.
 """
+import functools
 from collections import deque
 
 import torch
@@ -153,15 +154,11 @@ def _lms_coeff(order, t, i, j, nodes=64):
     return 0.5 * (b - a) * total
 
 
-_GL_CACHE = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _gauss_legendre(n):
-    if n not in _GL_CACHE:
-        import numpy as np
+    import numpy as np
 
-        _GL_CACHE[n] = np.polynomial.legendre.leggauss(n)
-    return _GL_CACHE[n]
+    return np.polynomial.legendre.leggauss(n)  # (thread-safe cache: no module-level dict to share)
 
 
 @torch.no_grad()
