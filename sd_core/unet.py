@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
+from .speed import memory_format_of
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,8 @@ class UNetModel(nn.Module):
         emb = self.time_embed(t_emb)  # (B, mc) -> (B, 4 mc)
         context = context.to(dtype)
 
-        h, hs = x.to(dtype), []
+        # computed in the memory format of the weights (NHWC after speed.apply(channels_last)): no per-op conversions
+        h, hs = x.to(dtype, memory_format=memory_format_of(self.input_blocks[0][0].weight)), []
         for block in self.input_blocks:
             h = block(h, emb, context)
             hs.append(h)
@@ -224,4 +226,4 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)  # (B, C, H, W) + (B, Cskip, H, W) -> (B, C + Cskip, H, W)
             h = block(h, emb, context, out_size=hs[-1].shape[-2:] if hs else None)
-        return self.out(h)  # (B, C0, h, w) -> (B, Cout, h, w)
+        return self.out(h).contiguous()  # (B, C0, h, w) -> (B, Cout, h, w), returned in the default layout

@@ -2,6 +2,7 @@
 
 Attribute names follow the original LDM checkpoint (`encoder.down.N.block.M`, `mid.attn_1.q`, ...).
 """
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -10,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
+from .speed import memory_format_of
 
 
 @dataclass(frozen=True)
@@ -189,13 +191,22 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x: [B, 3, H, W] in -1..1 (H, W multiples of 8) -> posterior over unscaled latents [B, 4, H/8, W/8]."""
-        x = x.to(self.quant_conv.weight.dtype)  # run in the weights' dtype
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        x = x.to(self.quant_conv.weight.dtype, memory_format=memory_format_of(self.encoder.conv_in.weight))
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)).contiguous())  # run in the weights' dtype and layout
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: unscaled latents [B, 4, h, w] -> image [B, 3, 8h, 8w], roughly -1..1 (not clamped)."""
-        z = z.to(self.post_quant_conv.weight.dtype)  # run in the weights' dtype
-        return self.decoder(self.post_quant_conv(z))
+        dtype = self.post_quant_conv.weight.dtype
+        z = z.to(dtype, memory_format=memory_format_of(self.decoder.conv_in.weight))
+        out = self.decoder(self.post_quant_conv(z))  # run in the weights' dtype and layout
+        if dtype == torch.float16 and not torch.isfinite(out).all():
+            out = self._decode_fp32(z)  # fp16 activations of real SD VAEs can overflow: redo this call in fp32
+        return out.contiguous()
+
+    def _decode_fp32(self, z: torch.Tensor) -> torch.Tensor:
+        """decode with a temporary float32 copy of the decoder (freed afterwards)."""
+        post_quant_conv, decoder = copy.deepcopy(self.post_quant_conv).float(), copy.deepcopy(self.decoder).float()
+        return decoder(post_quant_conv(z.float()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x).mode())

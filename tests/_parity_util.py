@@ -5,7 +5,6 @@ Only facts (config values) are written here; no key tables: if our layout drifte
 layout, the reference conversion would fail or produce different numbers.
 """
 import fcntl
-import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from glass_diffusion.sd_core.model import SDConfig, StableDiffusion
+from glass_diffusion.sd_core.random_weights import build_random, random_init_  # noqa: F401 (re-exported)
 
 LOCK_FILE = "/tmp/glass_fullsize.lock"
 LOCK_HELD_ENV = "GLASS_FULLSIZE_LOCK_HELD"  # set when the caller already runs under `flock LOCK_FILE`
@@ -43,36 +43,6 @@ def fullsize_lock():
         finally:
             _lock_depth = 0
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@torch.no_grad()
-def random_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Fast seeded random weights: variance-preserving normal weights, norm scales near 1, small biases.
-
-    Works on a module made with `to_empty` (uninitialised memory): every parameter is written and the only
-    buffer, CLIP's position_ids, is reset.
-    """
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        if "embedding" in name:
-            p.normal_(0.0, 0.02, generator=g)
-        elif p.ndim == 1 and name.endswith("weight"):  # GroupNorm / LayerNorm scale
-            p.normal_(1.0, 0.1, generator=g)
-        elif p.ndim == 1:  # biases
-            p.normal_(0.0, 0.02, generator=g)
-        else:
-            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
-    for name, b in module.named_buffers():
-        assert name.endswith("position_ids"), f"unexpected buffer {name}: random_init_ must set it"
-        b.copy_(torch.arange(b.shape[-1]).expand_as(b))
-    return module
-
-
-def build_random(config: SDConfig, seed: int = 0) -> StableDiffusion:
-    with torch.device("meta"):
-        model = StableDiffusion(config)
-    model = model.to_empty(device="cpu")
-    return random_init_(model, seed).eval()
 
 
 def save_single_file(model: StableDiffusion, path: Path) -> Path:

@@ -1,0 +1,125 @@
+"""Speed options are the same networks: channels-last and compiled forwards equal the eager default-layout
+ones (fp32, within 1e-5 of the output scale), the fp16 VAE never returns non-finite pixels, and the bench
+command runs and reports. Speed itself is never asserted here (see `glass-diffusion bench`)."""
+import json
+
+import pytest
+import torch
+
+from glass_diffusion.nodes import cli
+from glass_diffusion.sd_core import builtin, speed
+from glass_diffusion.sd_core.model import SDConfig
+from glass_diffusion.sd_core.random_weights import build_random
+from glass_diffusion.sd_core.sampling import txt2img
+from glass_diffusion.sd_core.tokenizer import CLIPTokenizer
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture()
+def tiny():
+    return build_random(SDConfig.tiny(), seed=5)
+
+
+def _unet_inputs(cfg, batch=2, size=8):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(batch, cfg.unet.in_channels, size, size, generator=g), torch.tensor([999.0, 312.5]),
+            torch.randn(batch, 77, cfg.unet.context_dim, generator=g))
+
+
+@torch.no_grad()
+def test_channels_last_equals_default_layout(tiny):
+    x, t, ctx = _unet_inputs(tiny.config)
+    z = torch.randn(2, tiny.config.vae.latent_channels, 8, 8)
+    ref_eps, ref_img = tiny.unet(x, t, ctx), tiny.vae.decode(z)
+    ref_lat = tiny.vae.encode(ref_img.clamp(-1, 1)).mean
+    speed.apply(tiny, speed.SpeedOptions(channels_last=True))
+    w = tiny.unet.input_blocks[0][0].weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    eps, img = tiny.unet(x, t, ctx), tiny.vae.decode(z)
+    assert rel(eps, ref_eps) < 1e-5 and rel(img, ref_img) < 1e-5
+    assert rel(tiny.vae.encode(ref_img.clamp(-1, 1)).mean, ref_lat) < 1e-5
+    assert eps.is_contiguous() and img.is_contiguous()  # callers get the default layout back
+
+
+@torch.no_grad()
+def test_compiled_equals_eager(tiny):
+    pytest.importorskip("torch._inductor")
+    x, t, ctx = _unet_inputs(tiny.config)
+    z = torch.randn(1, tiny.config.vae.latent_channels, 8, 8)
+    ref_eps, ref_img = tiny.unet(x, t, ctx), tiny.vae.decode(z)
+    keys = list(tiny.state_dict())
+    speed.apply(tiny, speed.SpeedOptions(compile=True))
+    try:
+        eps, img = tiny.unet(x, t, ctx), tiny.vae.decode(z)
+    except Exception as e:  # no C++ toolchain for inductor on this machine
+        pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {e}")
+    assert rel(eps, ref_eps) < 1e-5 and rel(img, ref_img) < 1e-5
+    assert list(tiny.state_dict()) == keys  # compiled in place: checkpoint names unchanged
+
+
+@torch.no_grad()
+def test_fp16_vae_redoes_overflowing_decode_in_fp32(tiny):
+    vae = tiny.vae
+    vae.decoder.conv_in.weight.mul_(3e4)  # activations far past fp16's 65504; the next GroupNorm undoes the scale
+    z = torch.randn(1, tiny.config.vae.latent_channels, 8, 8)
+    ref = vae.decode(z)
+    assert torch.isfinite(ref).all()
+    half = vae.half()
+    try:
+        raw = half.decoder(half.post_quant_conv(z.half()))
+    except RuntimeError as e:
+        pytest.skip(f"fp16 convolutions unsupported on this CPU build: {e}")
+    assert not torch.isfinite(raw).all()  # the case being guarded really overflows
+    out = half.decode(z)
+    assert torch.isfinite(out).all() and rel(out.float(), ref) < 1e-3
+    assert half.post_quant_conv.weight.dtype == torch.float16  # the model itself stays fp16
+
+
+def test_speed_option_parsing():
+    assert speed.SpeedOptions.parse("channels_last,compile=max-autotune") == speed.SpeedOptions(
+        channels_last=True, compile=True, compile_mode="max-autotune")
+    assert speed.SpeedOptions.parse("none") == speed.SpeedOptions()
+    assert speed.SpeedOptions.parse(speed.SpeedOptions(True, True).label()) == speed.SpeedOptions(True, True)
+    with pytest.raises(ValueError, match="unknown speed option 'chanels_last'"):
+        speed.SpeedOptions.parse("chanels_last")
+    with pytest.raises(ValueError, match="compile_mode"):
+        speed.SpeedOptions.parse("compile=fastest")
+
+
+@torch.no_grad()
+def test_channels_last_sampling_gives_the_same_picture():
+    model, tokenizer = builtin.load()
+    kw = dict(width=64, height=64, seed=3, steps=4, cfg=3.0)
+    prompt = "a large red circle in the center on a blue background"
+    ref = txt2img(model, tokenizer, prompt, **kw)
+    speed.apply(model, speed.SpeedOptions(channels_last=True))
+    # per call the two layouts agree to ~1e-6; four sampling steps amplify that to at most ~1/255 of a pixel
+    assert rel(txt2img(model, tokenizer, prompt, **kw), ref) < 1e-2
+    assert isinstance(tokenizer, CLIPTokenizer)
+
+
+def test_bench_command_reports_every_engine_and_measure(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--checkpoint", str(builtin.CHECKPOINT), "--device", "cpu", "--res", "64",
+                   "--steps", "2", "--repeats", "1", "--engines", "", "--glass", "none;channels_last",
+                   "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for row in ("load s", "t2i batch 1", "unet_step batch 1", "vae_decode batch 1", "peak RSS GiB"):
+        assert row in text
+    res = json.loads(out.read_text())
+    assert list(res["engines"]) == ["glass[none]", "glass[channels_last]"]
+    for eng in res["engines"].values():
+        assert eng["memory"]["peak_rss_bytes"] > 0
+        for op in ("t2i@1", "unet_step@1", "vae_decode@1"):
+            (reply,) = eng[op]  # one measured repeat after the warm-up
+            assert reply["seconds"] > 0 and reply["finite"]
+
+
+def test_bench_refuses_comfyui_without_a_checkout(capsys):
+    rc = cli.main(["bench", "--engines", "comfyui", "--checkpoint", str(builtin.CHECKPOINT)])
+    assert rc == cli.INVALID
+    assert "--comfyui DIR" in capsys.readouterr().err
