@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 OPS = ("t2i", "unet_step", "vae_decode")
+DTYPES = ("fp32", "fp16", "bf16")
 WORKER = Path(__file__).with_name("bench_worker.py")
 
 
@@ -82,9 +83,10 @@ def _engine_commands(a, checkpoint: Path) -> list[tuple[str, list[str], dict | N
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     out = []
-    for variant in a.glass:
-        out.append((f"glass[{variant}]", [sys.executable, "-m", f"{pkg}.bench_worker", "--engine", "glass",
-                                          "--speed", variant, *common], env, None))
+    for variant, dtype in a.glass:
+        label = variant if dtype == a.dtype else f"{variant},{dtype}"
+        out.append((f"glass[{label}]", [sys.executable, "-m", f"{pkg}.bench_worker", "--engine", "glass",
+                                        "--speed", variant, *common, "--dtype", dtype], env, None))
     if "diffusers" in a.engines:
         out.append(("diffusers", [sys.executable, "-m", f"{pkg}.bench_worker", "--engine", "diffusers", *common],
                     env, None))
@@ -179,8 +181,9 @@ def add_parser(sub) -> None:
     p.add_argument("--sampler", default="euler")
     p.add_argument("--repeats", type=int, default=3, help="measured repeats per engine after one warm-up")
     p.add_argument("--glass", default="default", help="Glass speed variants to time, ';'-separated, each a "
-                   "comma list of sd_core.speed options: 'none', 'channels_last', 'compile[=MODE]'; 'default' is "
-                   "what the loader uses on this device (default: %(default)s)")
+                   "comma list of sd_core.speed options ('none', 'channels_last', 'compile[=MODE]'; 'default' is "
+                   "what the loader uses on this device) and optionally a precision (fp32, fp16, bf16) for that "
+                   "variant alone, e.g. 'none;channels_last;channels_last,bf16' (default: %(default)s)")
     p.add_argument("--engines", default=None, help="comma list among diffusers,comfyui (default: diffusers when "
                    "importable, comfyui when --comfyui is given)")
     p.add_argument("--comfyui", metavar="DIR", help="a ComfyUI checkout to time as a library")
@@ -207,8 +210,11 @@ def main(a) -> int:
         raise ValueError(f"--ops: unknown {bad}; choose from {OPS}")
     variants = []
     for v in a.glass.split(";"):
-        v = v.strip()
-        variants.append(SpeedOptions.default_for(a.device).label() if v == "default" else SpeedOptions.parse(v).label())
+        words = [w.strip() for w in v.split(",") if w.strip()]
+        dtypes = [w for w in words if w in DTYPES] or [a.dtype]  # a precision word times Glass in that dtype
+        words = [w for w in words if w not in DTYPES]
+        label = "default" if words in ([], ["default"]) else SpeedOptions.parse(",".join(words)).label()
+        variants.append((label, dtypes[-1]))  # "default" is resolved by the worker, which knows the model
     a.glass = variants
     if a.engines is None:
         a.engines = (["diffusers"] if importlib.util.find_spec("diffusers") else []) + (["comfyui"] if a.comfyui else [])

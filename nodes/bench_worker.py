@@ -63,8 +63,8 @@ class GlassEngine(_Engine):
         from ..sd_core.checkpoint import load_checkpoint
         from ..sd_core.tokenizer import CLIPTokenizer
         from .loaders import vocabulary_for
-        self.speed = speed.SpeedOptions.parse(a.speed)
         self.model = load_checkpoint(a.checkpoint, device=self.device, dtype=self.dtype)
+        self.speed = speed.SpeedOptions.parse(a.speed, self.device, self.model.unet.config.model_channels)
         self.context_dim = self.model.unet.config.context_dim
         if self.device.type == "cuda" or self.dtype != torch.float32:
             self.model.vae.float()  # as the loader node does: the VAE stays in fp32 by default

@@ -32,13 +32,18 @@ class SpeedOptions:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
 
     @classmethod
-    def default_for(cls, device) -> "SpeedOptions":
-        """What a loader uses when asked for nothing special: NHWC on the CPU and on CUDA, no compile."""
-        return cls(channels_last=torch.device(device).type in ("cpu", "cuda"))
+    def default_for(cls, device, model_channels: int) -> "SpeedOptions":
+        """What a loader uses when asked for nothing special ("default"): NHWC for wide UNets (SD 1.x / 2.x: 320
+        channels; measured 2.2x faster for the SD 1.5 UNet on a 2-core AVX-512 CPU), the default layout for narrow
+        ones (glass-tiny: 64 channels, where NHWC measured 4.7x slower); never compiled."""
+        return cls(channels_last=torch.device(device).type in ("cpu", "cuda") and model_channels >= 256)
 
     @classmethod
-    def parse(cls, text: str) -> "SpeedOptions":
-        """"channels_last,compile" / "compile=max-autotune" / "none" / "" -> options (a comma list of flags)."""
+    def parse(cls, text: str, device="cpu", model_channels: int = 0) -> "SpeedOptions":
+        """"channels_last,compile" / "compile=max-autotune" / "none" / "" -> options (a comma list of flags);
+        "default" -> default_for(device, model_channels)."""
+        if (text or "").strip() == "default":
+            return cls.default_for(device, model_channels)
         opts: dict = {}
         names = {f.name for f in fields(cls)} - {"compile_mode"}
         for item in filter(None, (p.strip() for p in (text or "").split(","))):

@@ -228,8 +228,10 @@ def test_denoise_steps_split_equals_the_whole_loop(models):
     whole, whole_x0 = call("GlassSample", add_noise=True, latent_image=latent(), **common)
     a, a_x0 = call("GlassDenoiseSteps", latent_image=latent(), add_noise=True, start_step=0, end_step=1, **common)
     b, b_x0 = call("GlassDenoiseSteps", latent_image=a, add_noise=False, start_step=1, end_step=3, **common)
-    torch.testing.assert_close(b["samples"], whole["samples"])
-    torch.testing.assert_close(b_x0["samples"], whole_x0["samples"])
+    # the latent between the two pieces is unscaled and rescaled (x / s * s): a few ulps, amplified by the
+    # remaining steps, so equality holds to ~1e-5 (it depends on the thread count's summation order)
+    torch.testing.assert_close(b["samples"], whole["samples"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b_x0["samples"], whole_x0["samples"], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(a["samples"], b["samples"])
     assert not torch.allclose(a_x0["samples"], a["samples"])  # x0 is the estimate, not the noisy latent
     with pytest.raises(NodeInputError, match="GlassDenoiseSteps: input 'end_step'"):

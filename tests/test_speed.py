@@ -83,6 +83,9 @@ def test_speed_option_parsing():
         channels_last=True, compile=True, compile_mode="max-autotune")
     assert speed.SpeedOptions.parse("none") == speed.SpeedOptions()
     assert speed.SpeedOptions.parse(speed.SpeedOptions(True, True).label()) == speed.SpeedOptions(True, True)
+    wide, narrow = SDConfig.sd15().unet.model_channels, SDConfig.tiny().unet.model_channels
+    assert speed.SpeedOptions.parse("default", "cpu", wide) == speed.SpeedOptions(channels_last=True)
+    assert speed.SpeedOptions.parse("default", "cpu", narrow) == speed.SpeedOptions()
     with pytest.raises(ValueError, match="unknown speed option 'chanels_last'"):
         speed.SpeedOptions.parse("chanels_last")
     with pytest.raises(ValueError, match="compile_mode"):
