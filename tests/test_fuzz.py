@@ -135,7 +135,9 @@ def mutate_api(api: dict, rng: random.Random, root: Path) -> dict:
             break
         nid = rng.choice(sorted(api))
         node = api[nid]
-        cls = REGISTRY.get(node.get("class_type")) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get("inputs"), dict):
+            continue  # broken by an earlier mutation of this case
+        cls = REGISTRY.get(node.get("class_type")) if isinstance(node.get("class_type"), str) else None
         names = [n for n, s in input_specs(cls).items() if s.category != "hidden"] if cls else []
         kind = rng.random()
         if kind < 0.45 and names:  # a hostile value for a declared input
@@ -164,12 +166,12 @@ def mutate_api(api: dict, rng: random.Random, root: Path) -> dict:
             api[str(rng.randrange(100, 10 ** 6))] = copy.deepcopy(node)
         elif kind < 0.9:  # a real run with a few more steps or a bigger batch: the budget decides
             for n in api.values():
-                if isinstance(n, dict) and n.get("class_type") == "GlassEmptyLatent":
+                if isinstance(n, dict) and n.get("class_type") == "GlassEmptyLatent" and isinstance(n.get("inputs"), dict):
                     n["inputs"]["batch_size"] = rng.choice([2, 3, 16, 64])
                     n["inputs"]["width"] = rng.choice([64, 72, 128, 512, 16384])
         else:
             for n in api.values():  # denoise / steps extremes
-                if isinstance(n, dict) and n.get("class_type") == "GlassKSampler":
+                if isinstance(n, dict) and n.get("class_type") == "GlassKSampler" and isinstance(n.get("inputs"), dict):
                     n["inputs"]["denoise"] = rng.choice([1e-9, 1e-6, 1e-3, 0.0, 0.3])
                     n["inputs"]["steps"] = rng.choice([1, 2, 500, 10000])
     return api
@@ -179,6 +181,7 @@ def mutate_ui(ui: dict, rng: random.Random, root: Path) -> dict:
     ui = copy.deepcopy(ui)
     for _ in range(rng.choice([1, 1, 2])):
         nodes, links = ui.get("nodes") or [], ui.get("links") or []
+        links = links if isinstance(links, list) else []
         kind = rng.random()
         if not isinstance(nodes, list) or not all(isinstance(n, dict) for n in nodes):
             break  # already broken beyond what the next mutations expect
@@ -210,7 +213,7 @@ def mutate_ui(ui: dict, rng: random.Random, root: Path) -> dict:
             node = rng.choice(nodes)
             sockets = node.get("inputs") or []
             if isinstance(sockets, list) and sockets and isinstance(sockets[0], dict):
-                sockets[0]["link"] = rng.choice([None, 999, -1, "x", [1], links[0][0] if links else 1])
+                sockets[0]["link"] = rng.choice([None, 999, -1, "x", [1], 1, 2])
         elif kind < 0.86:
             ui[rng.choice(["nodes", "links"])] = rng.choice([None, {}, "x", 5, [None]])
         elif kind < 0.92 and nodes:
@@ -220,13 +223,6 @@ def mutate_ui(ui: dict, rng: random.Random, root: Path) -> dict:
             if node is not None:
                 node["type"] = rng.choice(["Reroute", "PrimitiveNode", "Note", "a1b2c3d4-0000-0000-0000-000000000000"])
     return ui
-
-
-def deep(n: int):
-    v = []
-    for _ in range(n):
-        v = [v]
-    return v
 
 
 # ----------------------------------------------------------------------------- serialisation
@@ -252,15 +248,18 @@ def make_case(rng: random.Random, root: Path, base_api: dict, base_ui: dict, ind
     name = rng.choice(NAMES)
     fmt = rng.choice(["api", "api", "ui", "ui"])
     doc = mutate_api(base_api[name], rng, root) if fmt == "api" else mutate_ui(base_ui[name], rng, root)
-    if rng.random() < 0.03:
-        doc = {"1": {"class_type": "GlassEmptyLatent", "inputs": {"width": deep(rng.choice([70, 2000]))}}}
     how = rng.choice(["dict", "dict", "json", "json", "png"])
+    nested = None
+    if rng.random() < 0.03:  # nested arrays: as a dict (70 levels) or as text (2,000 levels, beyond json.dumps)
+        n = 70 if how == "dict" else rng.choice([70, 2000])
+        nested = '{"1": {"class_type": "GlassEmptyLatent", "inputs": {"width": ' + "[" * n + "]" * n + "}}}"
+        doc = json.loads(nested) if how == "dict" else None
     desc = f"case {index}: {name} {fmt} as {how}"
     folder = root / "cases"
     if how == "dict":
         return doc, desc
     if how == "json":
-        text = json.dumps(doc)
+        text = nested or json.dumps(doc)
         raw = text.encode("utf-8")
         r = rng.random()
         if r < 0.05:
@@ -272,12 +271,12 @@ def make_case(rng: random.Random, root: Path, base_api: dict, base_ui: dict, ind
         path = folder / f"c{index}.json"
         path.write_bytes(raw)
         return path, desc
-    chunks = {"prompt": json.dumps(doc)} if fmt == "api" else {"workflow": json.dumps(doc)}
+    chunks = {"prompt": nested or json.dumps(doc)} if fmt == "api" else {"workflow": nested or json.dumps(doc)}
     r = rng.random()
     if r < 0.1:
         chunks = {"prompt": "{not json"}
     elif r < 0.15:
-        chunks = {"workflow": json.dumps(deep(500))}
+        chunks = {"workflow": "[" * 500 + "]" * 500}
     elif r < 0.2:
         chunks = {"parameters": "a1111 text"}
     elif r < 0.3 and fmt == "ui":
@@ -403,6 +402,7 @@ def fewer_steps(api: dict, ui: dict) -> None:
                     n["widgets_values"][slots.index("steps")] = node["inputs"]["steps"]
 
 
+@pytest.mark.skipif(CASES == 0, reason="GLASS_FUZZ_CASES=0")
 def test_fuzz_workflows(arena, monkeypatch):
     rng = random.Random(SEED)
     base_api = {n: json.loads((WORKFLOWS / "api" / f"{n}.json").read_text()) for n in NAMES}
@@ -502,6 +502,7 @@ def mutate_checkpoint(rng: random.Random, state: dict, meta: dict, folder: Path,
     return path
 
 
+@pytest.mark.skipif(CHECKPOINT_CASES == 0, reason="GLASS_FUZZ_CHECKPOINT_CASES=0")
 def test_fuzz_checkpoints(arena):
     rng = random.Random(SEED + 1)
     good = save_checkpoint(tiny_model(), arena / "ckpt" / "good.safetensors")
