@@ -1,11 +1,13 @@
 """Validation of API-format graphs against node classes, before anything runs.
 
 Reports every problem, each with node id, class_type and input name (ComfyUI's node_errors kinds where
-one exists): unknown class_type, missing required input, malformed link, link to a missing node or a
-missing output slot, mismatched link types ("*" matches anything; COMBO outputs feed COMBO inputs),
-a value of the wrong type, out of min/max or not in a COMBO, VALIDATE_INPUTS failures, cycles and
-a graph without an output node. As in ComfyUI only nodes an output needs are checked (a dangling node
-is neither run nor checked); every node's class_type is.
+one exists): unknown class_type, missing required input, an input the class does not declare (with the
+close match), malformed link, link to a missing node or a missing output slot, mismatched link types ("*"
+matches anything; COMBO outputs feed COMBO inputs), a value of the wrong type, out of min/max or not in a
+COMBO (the choices listed, the closest suggested), VALIDATE_INPUTS failures, cycles and a graph without an
+output node. As in ComfyUI only nodes an output needs are checked (a dangling node is neither run nor
+checked); every node's class_type is. A graph without problems then gets its resource budget checked
+(nodes/budget.py). Every walk over the graph is iterative, so a graph of any depth is fine.
 """
 from __future__ import annotations
 
