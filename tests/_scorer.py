@@ -23,7 +23,8 @@ def nearest_colour(rgb) -> str:
 
 
 def analyse(image) -> dict:
-    """image: uint8 [H, W, 3] (numpy or PIL). Returns colour, shape, row, col, background, fill, area."""
+    """image: uint8 [H, W, 3] (numpy or PIL). Returns colour, shape, row, col, background, fill, area and
+    centre (x, y of the bounding box's centre, pixels; None when no shape is found)."""
     img = np.asarray(image, dtype=np.float32)[..., :3]
     H, W, _ = img.shape
     border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3),
@@ -31,7 +32,7 @@ def analyse(image) -> dict:
     bg = np.median(border, axis=0)  # (3,)
     fg = np.linalg.norm(img - bg, axis=-1) > FG_THRESHOLD  # (H, W)
     out = {"background": nearest_colour(bg), "colour": None, "shape": None, "row": None, "col": None,
-           "fill": 0.0, "area": 0}
+           "fill": 0.0, "area": 0, "centre": None}
     labels, n = ndimage.label(fg)
     if n == 0:
         return out
@@ -48,7 +49,7 @@ def analyse(image) -> dict:
         colour=nearest_colour(np.median(img[region], axis=0)),
         shape="square" if fill > 0.89 else "circle" if fill > 0.64 else "triangle",
         row=min(int(cy / (H / 3.0)), 2), col=min(int(cx / (W / 3.0)), 2),
-        fill=fill, area=area)
+        fill=fill, area=area, centre=(float(cx), float(cy)))
     return out
 
 
@@ -79,3 +80,23 @@ def scene_want(scene) -> dict:
 
 def accuracy_table(images, scenes) -> Optional[dict]:
     return summarise([score(img, scene_want(s)) for img, s in zip(images, scenes)])
+
+
+def diversity(images_by_seed) -> float:
+    """How much pictures of one prompt differ between seeds: images_by_seed is uint8 [S, N, H, W, 3] (S >= 2
+    seeds, the same N prompts in each); the mean absolute pixel difference (0..255, over pixels and channels)
+    between the pictures of each prompt, averaged over the N prompts and the S * (S - 1) / 2 pairs of seeds."""
+    imgs = np.asarray(images_by_seed, dtype=np.float32)
+    S = imgs.shape[0]
+    assert S >= 2 and imgs.ndim == 5, imgs.shape
+    return float(np.mean([np.abs(imgs[i] - imgs[j]).mean() for i in range(S) for j in range(i + 1, S)]))
+
+
+def centre_spread(images_by_seed) -> float:
+    """Mean distance in pixels between the shape centres (analyse()["centre"]) that different seeds give for
+    the same prompt (layout as diversity(); pairs where either picture has no shape are skipped)."""
+    S, N = len(images_by_seed), len(images_by_seed[0])
+    centres = [[analyse(images_by_seed[s][n])["centre"] for n in range(N)] for s in range(S)]
+    d = [float(np.hypot(a[0] - b[0], a[1] - b[1])) for n in range(N) for i in range(S) for j in range(i + 1, S)
+         for a, b in [(centres[i][n], centres[j][n])] if a is not None and b is not None]
+    return float(np.mean(d)) if d else float("nan")

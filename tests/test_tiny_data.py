@@ -1,5 +1,6 @@
 """Procedural scenes, caption grammar, the pixel scorer and the tiny model's vocabulary (no trained model needed)."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -81,3 +82,14 @@ def test_vocabulary_is_clip_bpe_with_one_token_per_word(tmp_path):
     assert (ids[0, 5:] == tok.eos_id).all() and ids[1, 0] == tok.bos_id and (ids[1, 1:] == tok.eos_id).all()
     # words outside the grammar still tokenize (byte fallback), they just were never trained
     assert len(tok.encode("a magenta hexagon")) > 3
+
+
+def test_diversity_and_centre_spread_measure_what_differs_between_seeds():
+    from _scorer import centre_spread, diversity
+    base = [toy_data.Scene("red", "square", "large", 1, 1, "blue"), toy_data.Scene("white", "circle", "small", 0, 2, "black")]
+    same = np.stack([[toy_data.draw(s) for s in base]] * 3)  # (S=3, N=2, H, W, 3): every seed the same picture
+    assert diversity(same) == 0.0 and centre_spread(same) == 0.0
+    moved = np.stack([[toy_data.draw(s) for s in base], [toy_data.draw(replace(s, dx=3, dy=-4)) for s in base]])
+    assert centre_spread(moved) == pytest.approx(5.0, abs=0.01)
+    want = np.mean([np.abs(moved[0, n].astype(float) - moved[1, n]).mean() for n in range(2)])
+    assert diversity(moved) == pytest.approx(want) and diversity(moved) > 1.0
