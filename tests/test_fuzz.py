@@ -3,8 +3,8 @@ chunks, with hostile names and prompts) and mutated checkpoints. Every case must
 error types whose message names the node / input or the file; never a raw exception, a case past its time limit,
 memory past the budget, a file opened outside the allowed folders, or an output lost, overwritten or half-written.
 
-Sizes (CI defaults, about a minute on 2 cores): GLASS_FUZZ_CASES workflow cases (150), GLASS_FUZZ_CHECKPOINT_CASES
-checkpoint cases (40), GLASS_FUZZ_SEED (0). GLASS_FUZZ_REPORT=path writes the counts by outcome as JSON.
+Sizes (CI defaults, about a minute on 2 cores): GLASS_FUZZ_CASES workflow cases (100), GLASS_FUZZ_CHECKPOINT_CASES
+checkpoint cases (30), GLASS_FUZZ_SEED (0). GLASS_FUZZ_REPORT=path writes the counts by outcome as JSON.
 By hand: GLASS_FUZZ_CASES=10000 GLASS_FUZZ_CHECKPOINT_CASES=200 pytest -s tests/test_fuzz.py
 """
 import copy
@@ -38,8 +38,8 @@ from glass_diffusion.sd_core.prompt import EmbeddingError
 from _ckpt_util import tiny_model
 from _nodes_util import WORKFLOWS, rgba_image
 
-CASES = int(os.environ.get("GLASS_FUZZ_CASES", "150"))
-CHECKPOINT_CASES = int(os.environ.get("GLASS_FUZZ_CHECKPOINT_CASES", "40"))
+CASES = int(os.environ.get("GLASS_FUZZ_CASES", "100"))
+CHECKPOINT_CASES = int(os.environ.get("GLASS_FUZZ_CHECKPOINT_CASES", "30"))
 SEED = int(os.environ.get("GLASS_FUZZ_SEED", "0"))
 CASE_TIMEOUT_S = 120        # a case still running then is cancelled and counted as a hang
 HARD_TIMEOUT_S = 600        # a case that ignores the cancel: the process is stopped with a traceback
