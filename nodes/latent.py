@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .types import LATENT, MASK, NodeInputError
+from .types import LATENT, MASK, NodeInputError, node_inputs
 
 CATEGORY = "Glass Diffusion/latent"
 MAX_RESOLUTION = 16384
@@ -25,10 +25,9 @@ def check_latent(node: str, name: str, latent) -> torch.Tensor:
 
 
 def check_mask(node: str, name: str, mask) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3, 4):
-        raise NodeInputError(node, name, f"expected a MASK tensor [B, H, W] or [H, W], got "
-                                         f"{getattr(mask, 'shape', type(mask).__name__)}")
-    return mask
+    from ..sd_core.pixels import check_mask as check
+    with node_inputs(node):
+        return check(mask, name)
 
 
 def resize(samples: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:

@@ -42,11 +42,12 @@ def vocabulary_for(checkpoint: Path):
     return None
 
 
-def make_tokenizer(node: str, checkpoint: Path, clip_config):
-    """The checkpoint's tokenizer, checked against the text model's vocabulary and end token."""
+def make_tokenizer(node: str, checkpoint: Path, clip_config, recipe):
+    """The checkpoint's tokenizer (padding by the family's text recipe), checked against the text model's
+    vocabulary and end token."""
     from ..sd_core.tokenizer import CLIPTokenizer
     try:
-        tokenizer = CLIPTokenizer(vocabulary_for(checkpoint), model_dir=checkpoint.parent)
+        tokenizer = CLIPTokenizer(vocabulary_for(checkpoint), model_dir=checkpoint.parent, pad_id=recipe.pad_id)
     except FileNotFoundError as e:
         raise NodeInputError(node, "ckpt_name", f"no CLIP vocabulary for {checkpoint.name}: {e}") from None
     if tokenizer.vocab_size > clip_config.vocab_size or tokenizer.eos_id != clip_config.eos_token_id:
@@ -96,17 +97,18 @@ class GlassCheckpointLoader:
     def load(self, ckpt_name, weight_dtype="auto"):
         from ..sd_core import builtin
         from ..sd_core.checkpoint import load_checkpoint
-        from ..sd_core.schedules import ModelSampling
+        from ..sd_core.diffusion import DiffusionModel
         node = "GlassCheckpointLoader"
         if weight_dtype not in DTYPE_CHOICES:
             raise NodeInputError(node, "weight_dtype", f"{weight_dtype!r} is not one of {DTYPE_CHOICES}")
         path = checkpoint_path(node, ckpt_name)
         device, dtype = paths.device_and_dtype(weight_dtype)
-        sd = load_checkpoint(path, device=device, dtype=dtype)
-        tokenizer = make_tokenizer(node, path, sd.config.clip)
+        sd = load_checkpoint(path, device=device, dtype=dtype)  # the file's own errors name it: not wrapped
+        tokenizer = make_tokenizer(node, path, sd.config.clip, sd.family.text[0])
         source = ckpt_name if path == builtin.CHECKPOINT else path.name
-        unet = GlassUNet(sd.unet, ModelSampling(), scaling_factor=sd.config.vae.scaling_factor, source=source)
-        clip = GlassCLIP(sd.clip, tokenizer, embeddings_dir=paths.embeddings_dir(), source=source)
+        unet = GlassUNet(DiffusionModel.from_checkpoint(sd, source=source))
+        clip = GlassCLIP(sd.clip, tokenizer, clip_skip=sd.family.text[0].default_layer,
+                         embeddings_dir=paths.embeddings_dir(), source=source)
         vae_model = sd.vae.to(paths.vae_dtype(weight_dtype, dtype))
         vae = GlassVAE(vae_model, source=source)
         return (unet, clip, vae)

@@ -10,19 +10,12 @@ from __future__ import annotations
 import torch
 
 from . import progress
-from .latent import check_latent
 from .types import (CONDITIONING, GLASS_SAMPLER, GLASS_UNET, LATENT, SIGMAS, GlassSampler, GlassUNet,
-                    NodeInputError)
+                    NodeInputError, node_inputs)
 
 CATEGORY = "Glass Diffusion/sampling"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-NOISE_KINDS = ["cpu", "device"]
-
-# A published linear approximation of SD 1.x latents (scaled) as RGB, for step previews: rgb = latent @ M.
-LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227],
-                           [0.3250, 0.4974, 0.2350],
-                           [-0.2829, 0.1762, 0.2721],
-                           [-0.2120, -0.2616, -0.7177]])
+NOISE_KINDS = ["cpu", "device"]  # sd_core.noise.NOISE_KINDS (a test checks they agree)
 
 
 def sampler_names() -> list[str]:
@@ -42,31 +35,13 @@ def check_unet(node: str, unet) -> GlassUNet:
     return unet
 
 
-def check_conditioning(node: str, name: str, cond, unet: GlassUNet):
-    from ..sd_core.guidance import validate_conditioning
-    try:
-        validate_conditioning(cond, unet.model.config.context_dim, name)
-    except ValueError as e:
-        raise NodeInputError(node, name, str(e)) from None
-    return cond
-
-
-def check_sigmas(node: str, sigmas) -> torch.Tensor:
-    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1:
-        raise NodeInputError(node, "sigmas", f"expected SIGMAS (a 1-D tensor), got "
-                                             f"{getattr(sigmas, 'shape', type(sigmas).__name__)}")
-    if len(sigmas) and (not torch.isfinite(sigmas).all() or (sigmas[1:] > sigmas[:-1]).any()):
-        raise NodeInputError(node, "sigmas", "must be finite and descending")
-    return sigmas
-
-
-def latent_preview(denoised: torch.Tensor):
-    """An RGB preview (PIL) of the first latent of a batch of scaled x0 estimates."""
+def latent_preview(denoised: torch.Tensor, latent_format):
+    """An RGB preview (PIL) of the first latent of a batch of scaled x0 estimates (the family's linear fit)."""
     from PIL import Image
     x0 = denoised[0].detach().float().cpu()
-    if x0.shape[0] != 4:
+    if x0.shape[0] != latent_format.channels:
         return None
-    rgb = torch.einsum("chw,cr->hwr", x0, LATENT_RGB)  # (4, h, w) -> (h, w, 3)
+    rgb = latent_format.preview_rgb(x0)  # (C, h, w) -> (h, w, 3)
     rgb = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).to(torch.uint8)
     return Image.fromarray(rgb.numpy())
 
@@ -74,58 +49,47 @@ def latent_preview(denoised: torch.Tensor):
 class _Progress:
     """sd_core callback(step, x, denoised): progress, Cancel, previews; remembers the last x0 estimate."""
 
-    def __init__(self, total: int, desc: str):
+    def __init__(self, total: int, desc: str, latent_format):
         self.bar = progress.ProgressBar(total, desc=desc)
         self.total, self.last_x0, self.previews, self.node = total, None, progress.previews_enabled(), desc
+        self.latent_format = latent_format
 
     def __call__(self, step, x, denoised):
         progress.check_finite(self.node, "the UNet's x0 estimate", denoised, step, self.total)  # stop, not blank
         self.last_x0 = denoised
-        preview = latent_preview(denoised) if self.previews else None
+        preview = latent_preview(denoised, self.latent_format) if self.previews else None
         self.bar.update_absolute(step + 1, self.total, preview)
 
     def close(self):
         self.bar.close()
 
 
-def run_sampler(node: str, unet: GlassUNet, positive, negative, latent: dict, *, seed: int, cfg: float,
-                sampler: GlassSampler, sigmas=None, steps: int = 1, scheduler: str = "normal",
-                denoise: float = 1.0, add_noise: bool = True, start_step=None, last_step=None,
-                force_full_denoise: bool = False):
-    """sd_core.sampling.sample with progress; returns (LATENT result, LATENT last x0 estimate)."""
+def run_sampler(node: str, unet: GlassUNet, positive, negative, latent: dict, request,
+                **param_inputs: str):
+    """sd_core.sampling.sample with progress; returns (LATENT result, LATENT last x0 estimate). sd_core's
+    parameter errors become NodeInputError(node, input); param_inputs maps sd_core parameter names to the node's
+    input names where they differ (the latent is `latent_image` unless said otherwise)."""
     from ..sd_core.sampling import plan_sigmas, sample
-    check_conditioning(node, "positive", positive, unet)
-    check_conditioning(node, "negative", negative, unet)
-    samples = check_latent(node, "latent_image", latent)
-    if samples.shape[1] != 4:
-        raise NodeInputError(node, "latent_image", f"expected a 4-channel SD 1.x latent, got {samples.shape[1]} channels")
-    if not 0 <= int(seed) <= MAX_SEED:
-        raise NodeInputError(node, "seed", f"must be in 0..{MAX_SEED}, got {seed}")
-    try:  # the exact schedule sample() will run: its length sizes the progress bar
-        total = len(plan_sigmas(scheduler, sampler.name, steps, denoise, start_step, last_step, force_full_denoise,
-                                unet.model_sampling, sigmas)) - 1
-    except ValueError as e:
-        raise ValueError(f"{node}: {e}") from e
-    progress.check_cancel()
-    bar = _Progress(max(total, 1), node)
-    try:
-        with torch.no_grad():
-            out = sample(unet.model, positive, negative, latent, seed=int(seed), steps=steps, cfg=cfg,
-                         sampler_name=sampler.name, scheduler=scheduler, denoise=denoise, add_noise=add_noise,
-                         start_step=start_step, last_step=last_step, force_full_denoise=force_full_denoise,
-                         noise_kind=sampler.options.get("noise", "cpu"), callback=bar,
-                         model_sampling=unet.model_sampling, scaling_factor=unet.scaling_factor, sigmas=sigmas,
-                         sampler_options={k: v for k, v in sampler.options.items() if k != "noise"} or None)
-    except (progress.Interrupted, KeyboardInterrupt):
-        raise
-    except ValueError as e:
-        raise ValueError(f"{node}: {e}") from e
-    finally:
-        bar.close()
+    with node_inputs(node, **{"latent": "latent_image", **param_inputs}):
+        total = len(plan_sigmas(unet.model.sampling, request)) - 1  # the exact schedule: it sizes the progress bar
+        progress.check_cancel()
+        bar = _Progress(max(total, 1), node, unet.model.latent_format)
+        try:
+            with torch.no_grad():
+                out = sample(unet.model, positive, negative, latent, request, callback=bar)
+        finally:
+            bar.close()
     x0 = dict(out)
     if bar.last_x0 is not None:
         x0["samples"] = (bar.last_x0 / unet.scaling_factor).float().cpu()
     return out, x0
+
+
+def _request(sampler: GlassSampler, **kw):
+    from ..sd_core.sampling import SampleRequest
+    options = dict(sampler.options)
+    return SampleRequest(sampler_name=sampler.name, noise_kind=options.pop("noise", "cpu"),
+                         sampler_options=options, **kw)
 
 
 def _cfg_input():
@@ -166,13 +130,8 @@ class GlassScheduler:
         from ..sd_core.schedules import get_sigmas
         node = "GlassScheduler"
         unet = check_unet(node, unet)
-        if scheduler not in scheduler_names():
-            raise NodeInputError(node, "scheduler", f"{scheduler!r} is not one of {scheduler_names()}")
-        if not isinstance(steps, int) or steps < 1:
-            raise NodeInputError(node, "steps", f"must be an integer >= 1, got {steps!r}")
-        if not 0.0 <= float(denoise) <= 1.0:
-            raise NodeInputError(node, "denoise", f"must be in 0..1, got {denoise!r}")
-        return (get_sigmas(scheduler, unet.model_sampling, steps, float(denoise)).float().cpu(),)
+        with node_inputs(node):
+            return (get_sigmas(scheduler, unet.model.sampling, steps, denoise).float().cpu(),)
 
 
 class GlassSamplerSelect:
@@ -231,14 +190,18 @@ class GlassSample:
     DESCRIPTION = "The full denoise loop over a given schedule, with a chosen sampler (as SamplerCustom)."
 
     def sample(self, unet, add_noise, noise_seed, cfg, positive, negative, sampler, sigmas, latent_image):
+        from ..sd_core.schedules import check_sigmas
         node = "GlassSample"
         unet = check_unet(node, unet)
         sampler = _check_sampler(node, sampler)
-        sigmas = check_sigmas(node, sigmas)
+        with node_inputs(node):
+            sigmas = check_sigmas(sigmas)
         if len(sigmas) < 2:
             return (latent_image, latent_image)
-        return run_sampler(node, unet, positive, negative, latent_image, seed=noise_seed, cfg=cfg, sampler=sampler,
-                           sigmas=sigmas, steps=len(sigmas) - 1, add_noise=bool(add_noise))
+        request = _request(sampler, seed=noise_seed, steps=len(sigmas) - 1, cfg=cfg, sigmas=sigmas,
+                           add_noise=bool(add_noise))
+        return run_sampler(node, unet, positive, negative, latent_image, request, seed="noise_seed",
+                           last_step="end_step")
 
 
 class GlassDenoiseSteps:
@@ -271,19 +234,22 @@ class GlassDenoiseSteps:
 
     def denoise(self, unet, positive, negative, sampler, sigmas, latent_image, add_noise, noise_seed, cfg,
                 start_step, end_step):
+        from ..sd_core.schedules import check_sigmas
         node = "GlassDenoiseSteps"
         unet = check_unet(node, unet)
         sampler = _check_sampler(node, sampler)
-        sigmas = check_sigmas(node, sigmas)
+        with node_inputs(node):
+            sigmas = check_sigmas(sigmas)
         n = len(sigmas) - 1
         if not 0 <= start_step < n:
             raise NodeInputError(node, "start_step", f"must be in 0..{n - 1} for a {n}-step schedule, got {start_step}")
         if not start_step < end_step <= n:
             raise NodeInputError(node, "end_step", f"must be in {start_step + 1}..{n} (after start_step {start_step}, "
                                                    f"at most the {n} steps of the schedule), got {end_step}")
-        return run_sampler(node, unet, positive, negative, latent_image, seed=noise_seed, cfg=cfg, sampler=sampler,
-                           sigmas=sigmas, steps=n, add_noise=bool(add_noise), start_step=start_step,
-                           last_step=end_step, force_full_denoise=False)
+        request = _request(sampler, seed=noise_seed, steps=n, cfg=cfg, sigmas=sigmas, add_noise=bool(add_noise),
+                           start_step=start_step, last_step=end_step, force_full_denoise=False)
+        return run_sampler(node, unet, positive, negative, latent_image, request, seed="noise_seed",
+                           last_step="end_step")
 
 
 class GlassUNetPredict:
@@ -313,36 +279,18 @@ class GlassUNetPredict:
     DESCRIPTION = "One guided UNet evaluation: the noise prediction and the clean-image (x0) estimate at a sigma."
 
     def predict(self, unet, positive, negative, latent, cfg, sigma, sigmas=None, step=0):
-        from ..sd_core.guidance import CFGDenoiser
-        from ..sd_core.sampling import inpaint_concat, prepare_mask
+        from ..sd_core.sampling import guided_eval
+        from ..sd_core.schedules import check_sigmas
         node = "GlassUNetPredict"
         unet = check_unet(node, unet)
-        check_conditioning(node, "positive", positive, unet)
-        check_conditioning(node, "negative", negative, unet)
-        samples = check_latent(node, "latent", latent)
-        if samples.shape[1] != 4:
-            raise NodeInputError(node, "latent", f"expected a 4-channel SD 1.x latent, got {samples.shape[1]} channels")
-        if sigmas is not None:
-            sigmas = check_sigmas(node, sigmas)
-            if not 0 <= step < len(sigmas):
-                raise NodeInputError(node, "step", f"must be in 0..{len(sigmas) - 1}, got {step}")
-            sigma = float(sigmas[step])
-        if not sigma > 0:
-            raise NodeInputError(node, "sigma", f"must be > 0 (at sigma 0 the latent is clean), got {sigma}")
-        progress.check_cancel()
-        device = unet.device
-        x = samples.to(device, torch.float32) * unet.scaling_factor
-        guider = CFGDenoiser(unet.model, positive, negative, float(cfg), x.shape, unet.model_sampling)
-        if unet.is_inpaint:
-            mask = latent.get("noise_mask")
-            mask = prepare_mask(mask, x.shape).to(device) if mask is not None else None
-            guider.concat = inpaint_concat(x, mask)
-        s = torch.full((x.shape[0],), sigma, device=device)
-        with torch.no_grad():
-            x0 = guider(x, s)
-        eps = (x - x0) / sigma
-        return ({**latent, "samples": eps.float().cpu()},
-                {**latent, "samples": (x0 / unet.scaling_factor).float().cpu()})
+        with node_inputs(node):
+            if sigmas is not None:
+                sigmas = check_sigmas(sigmas)
+                if not 0 <= step < len(sigmas):
+                    raise NodeInputError(node, "step", f"must be in 0..{len(sigmas) - 1}, got {step}")
+                sigma = float(sigmas[step])
+            progress.check_cancel()
+            return guided_eval(unet.model, positive, negative, latent, cfg, sigma)
 
 
 class GlassKSampler:
@@ -369,19 +317,12 @@ class GlassKSampler:
     DESCRIPTION = "All-in-one sampling (as ComfyUI's KSampler): noise, schedule, sampler and guidance in one node."
 
     def sample(self, unet, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0):
+        from ..sd_core.sampling import SampleRequest
         node = "GlassKSampler"
         unet = check_unet(node, unet)
-        if sampler_name not in sampler_names():
-            raise NodeInputError(node, "sampler_name", f"{sampler_name!r} is not one of {sampler_names()}")
-        if scheduler not in scheduler_names():
-            raise NodeInputError(node, "scheduler", f"{scheduler!r} is not one of {scheduler_names()}")
-        if not isinstance(steps, int) or steps < 1:
-            raise NodeInputError(node, "steps", f"must be an integer >= 1, got {steps!r}")
-        if not 0.0 <= float(denoise) <= 1.0:
-            raise NodeInputError(node, "denoise", f"must be in 0..1, got {denoise!r}")
-        out, _ = run_sampler(node, unet, positive, negative, latent_image, seed=seed, cfg=cfg,
-                             sampler=GlassSampler(sampler_name), steps=steps, scheduler=scheduler,
-                             denoise=float(denoise))
+        request = SampleRequest(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                                denoise=denoise)
+        out, _ = run_sampler(node, unet, positive, negative, latent_image, request)
         return (out,)
 
 

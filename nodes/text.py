@@ -1,10 +1,10 @@
 """Text nodes: prompt encoding (ComfyUI or AUTOMATIC1111 weighting) and clip skip."""
 from __future__ import annotations
 
-from .types import CONDITIONING, GLASS_CLIP, GlassCLIP, NodeInputError
+from .types import CONDITIONING, GLASS_CLIP, GlassCLIP, NodeInputError, node_inputs
 
 CATEGORY = "Glass Diffusion/text"
-WEIGHTINGS = ["comfy", "a1111"]
+WEIGHTINGS = ("comfy", "a1111")  # sd_core.conditioning.WEIGHTINGS (a test checks they agree)
 
 
 def check_clip(node: str, clip) -> GlassCLIP:
@@ -22,7 +22,7 @@ class GlassTextEncode:
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip":
                      "The prompt. (word) weighs 1.1x, (word:1.3) sets a weight, \\( \\) are literal brackets, "
                      "embedding:name inserts a textual-inversion embedding."}),
-            "weighting": (WEIGHTINGS, {"default": "comfy", "tooltip":
+            "weighting": (list(WEIGHTINGS), {"default": "comfy", "tooltip":
                           "comfy: weights interpolate from the empty prompt's encoding (ComfyUI). "
                           "a1111: weights multiply, then the mean is restored (AUTOMATIC1111)."}),
         }}
@@ -36,17 +36,20 @@ class GlassTextEncode:
 
     def encode(self, clip, text, weighting="comfy"):
         from ..sd_core.conditioning import encode_prompt
+        from ..sd_core.errors import ParamError
         node = "GlassTextEncode"
         clip = check_clip(node, clip)
         if not isinstance(text, str):
             raise NodeInputError(node, "text", f"expected a string, got {type(text).__name__}")
-        if weighting not in WEIGHTINGS:
-            raise NodeInputError(node, "weighting", f"{weighting!r} is not one of {WEIGHTINGS}")
-        try:
-            cond = encode_prompt(clip.model, clip.tokenizer, text, clip_skip=clip.clip_skip,
-                                 weighting=weighting, embeddings_dir=clip.embeddings_dir)
-        except (ValueError, FileNotFoundError, KeyError) as e:  # bad weight syntax, unknown embedding, ...
-            raise NodeInputError(node, "text", str(e)) from e
+        # the clip skip and the tokenizer travel in the clip input; the prompt's own problems are the text's
+        with node_inputs(node, clip_skip="clip", tokenizer="clip", windows="text"):
+            try:
+                cond = encode_prompt(clip.model, clip.tokenizer, text, clip_skip=clip.clip_skip,
+                                     weighting=weighting, embeddings_dir=clip.embeddings_dir)
+            except ParamError:
+                raise
+            except (ValueError, FileNotFoundError, KeyError) as e:  # bad weight syntax, unknown embedding, ...
+                raise NodeInputError(node, "text", str(e)) from e
         return (cond,)
 
 

@@ -6,11 +6,13 @@ CONDITIONING and SIGMAS are plain tensors / dicts / lists in ComfyUI's exact for
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+
 
 # Socket type names (permanent: saved workflows name them in their links).
 GLASS_UNET = "GLASS_UNET"
@@ -25,8 +27,42 @@ class NodeInputError(ValueError):
     """A node input is invalid. The message names the node and the input."""
 
     def __init__(self, node: str, input_name: str, message: str):
-        super().__init__(f"{node}: input '{input_name}': {message}")
+        ValueError.__init__(self, f"{node}: input '{input_name}': {message}")  # not super(): see as_input_error
         self.node, self.input_name = node, input_name
+
+
+_AS_INPUT_ERROR: dict = {}
+
+
+def as_input_error(node: str, input_name: str, error: ValueError) -> NodeInputError:
+    """A NodeInputError for `error` that is still an instance of the error's own class (CheckpointError,
+    ParamError, ...), with its attributes; the original is its __cause__ when raised `from error`."""
+    cls = type(error)
+    if isinstance(error, NodeInputError):
+        return error
+    mixed = _AS_INPUT_ERROR.get(cls)
+    if mixed is None:
+        mixed = _AS_INPUT_ERROR[cls] = type(cls.__name__, (NodeInputError, cls), {"__module__": cls.__module__})
+    err = mixed.__new__(mixed)
+    err.__dict__.update(error.__dict__)
+    NodeInputError.__init__(err, node, input_name, str(error))
+    return err
+
+
+@contextlib.contextmanager
+def node_inputs(node: str, path_input: Optional[str] = None, **param_inputs: str):
+    """Translate sd_core errors raised inside the block into NodeInputError(node, input), keeping their class:
+    a ParamError's `.param` names the input (`param_inputs` maps parameter -> input name where they differ), a
+    CheckpointError belongs to `path_input`."""
+    from ..sd_core.errors import CheckpointError, ParamError  # here: importing the pack loads no sd_core module
+    try:
+        yield
+    except ParamError as e:
+        raise as_input_error(node, param_inputs.get(e.param, e.param), e) from e
+    except CheckpointError as e:
+        if path_input is None:
+            raise
+        raise as_input_error(node, path_input, e) from e
 
 
 def _describe(module: torch.nn.Module) -> str:
@@ -35,33 +71,48 @@ def _describe(module: torch.nn.Module) -> str:
     return "no weights" if p is None else f"{p.device.type} {str(p.dtype).removeprefix('torch.')}"
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class GlassUNet:
-    """The denoising UNet of a checkpoint with its noise schedule (GLASS_UNET)."""
-    model: torch.nn.Module            # sd_core.unet.UNetModel
-    model_sampling: Any               # sd_core.schedules.ModelSampling
-    scaling_factor: float = 0.18215   # latent scale applied when sampling starts / undone at the end
-    source: str = ""                  # file it came from (for messages)
+    """GLASS_UNET: the socket type of the sd_core model handle. `model` is a `sd_core.diffusion.DiffusionModel`
+    (UNet, family, sampling, latent format, patches): nodes hand it to sd_core as it is. The copies below share
+    the weights."""
+    model: Any
 
     def __repr__(self) -> str:  # ComfyUI puts str(input) in error reports: never the whole module tree
-        return f"GlassUNet({self.source or 'unnamed'}, {self.in_channels}-channel, {_describe(self.model)})"
+        return f"GlassUNet({self.model.source or 'unnamed'}, {self.in_channels}-channel, {_describe(self.model.unet)})"
+
+    def with_patches(self, patches) -> "GlassUNet":
+        return GlassUNet(self.model.with_patches(patches))
+
+    def with_sampling(self, sampling) -> "GlassUNet":
+        return GlassUNet(self.model.with_sampling(sampling))
+
+    def replace(self, **changes) -> "GlassUNet":
+        return GlassUNet(self.model.replace(**changes))
+
+    @property
+    def family(self):
+        return self.model.family
 
     @property
     def in_channels(self) -> int:
-        return self.model.config.in_channels
+        return self.model.in_channels
 
     @property
     def is_inpaint(self) -> bool:
-        """A 9-channel inpainting UNet (latent + mask + masked-image latent)."""
-        return self.in_channels == 9
+        return self.model.is_inpaint
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.model.scaling_factor
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self.model.dtype
 
 
 @dataclass

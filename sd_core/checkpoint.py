@@ -1,28 +1,30 @@
-"""Checkpoint I/O for SD 1.x single-file checkpoints (`.safetensors`, `.ckpt`).
+"""Checkpoint I/O for single-file checkpoints (`.safetensors`, `.ckpt`) of the families in `family.FAMILIES`.
 
-Layout of a single-file SD 1.x checkpoint (the original LDM / CompVis names):
+Layout of a single-file checkpoint (the original LDM / CompVis names; SD 1.x shown):
     model.diffusion_model.*                   UNet
     first_stage_model.*                       VAE (encoder, decoder, quant_conv, post_quant_conv)
     cond_stage_model.transformer.text_model.* CLIP text encoder (Hugging Face names)
     betas, alphas_cumprod, ... (12 names)     DDPM schedule buffers (float32, [1000])
     model_ema.*                               EMA copies in full (non-pruned) files
-`StableDiffusion` uses exactly the model names, so loading is structural: the file's names go through
-the short list of declared transforms below, then into one `load_state_dict(strict=True, assign=True)`
+`StableDiffusion` uses exactly the model names, so loading is structural: the file's family is detected
+(`family.family_for`, which refuses other families naming the one the file looks like), its names go through
+the family's short list of declared transforms, then into one `load_state_dict(strict=True, assign=True)`
 on a model built on the meta device. There is no per-key table.
 
-Declared transforms (the only differences between a file and the model's state_dict):
+Transforms every file gets:
   1. `{"state_dict": {...}, "global_step": ...}` pickles are unwrapped.
   2. Ignored: `model_ema.*` (EMA copies, `model_ema.decay`, `model_ema.num_updates`), the 12 schedule
      buffers, and in standalone VAE files the loss network's `loss.*`.
-  3. CLIP keys missing the `text_model.` level (`cond_stage_model.transformer.embeddings...`) gain it.
-  4. `position_ids` missing: recreated as arange; stored as float: rounded to int64.
-  5. VAE mid-block attention weights stored as linear `[C, C]` are viewed as 1x1 convs `[C, C, 1, 1]`.
-  6. Standalone VAE files: the `first_stage_model.` prefix is stripped when present.
+  3. VAE mid-block attention weights stored as linear `[C, C]` are viewed as 1x1 convs `[C, C, 1, 1]`.
+  4. Standalone VAE files: the `first_stage_model.` prefix is stripped when present.
+The family's own (`ModelFamily.transforms`; SD 1.x): CLIP keys missing the `text_model.` level gain it;
+`position_ids` missing are recreated as arange, stored as float they are rounded to int64. Saving applies
+their inverses, so a saved file has the real layout.
 
 Pickles are read only with `torch.load(weights_only=True)`: a pickle that needs anything else is refused
 and nothing in it runs. The config comes from the safetensors metadata key `glass_diffusion.config`
-(written by `save_checkpoint`) or is inferred from tensor shapes with the SD 1.x head counts
-(UNet 8, CLIP width/64, VAE 1) and 32 GroupNorm groups.
+(written by `save_checkpoint`) or is inferred from tensor shapes by the family (`ModelFamily.infer_config`:
+its fixed facts such as head counts, 32 GroupNorm groups, the sizes from the shapes).
 """
 import contextlib
 import json
@@ -30,63 +32,36 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .clip import CLIPTextConfig
+from .errors import CheckpointError
+from .family import (SCHEDULE_KEYS, VAE, Entry, ModelFamily, detect_family, family_for, few, file_shape,  # noqa: F401
+                     ignored, infer_vae_config)
 from .model import SDConfig, StableDiffusion
-from .unet import UNetConfig
-from .vae import AutoencoderKL, VAEConfig
+from .schedules import schedule_buffers
+from .vae import AutoencoderKL
 
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-CLIP_ROOT = "cond_stage_model.transformer."
-CLIP = CLIP_ROOT + "text_model."
-POSITION_IDS = CLIP + "embeddings.position_ids"
 CONFIG_METADATA_KEY = "glass_diffusion.config"
-SCHEDULE_KEYS = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-    "posterior_mean_coef1", "posterior_mean_coef2",
-)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_VAE_ATTN_WEIGHT = re.compile(r"(^|\.)mid\.attn_1\.(q|k|v|proj_out)\.weight$")
 _SHOW = 5  # keys listed in an error message
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; names the file and the offending keys (`.keys`)."""
-
-    def __init__(self, path, message: str, keys: Iterable[str] = ()):
-        self.path, self.keys = str(path), list(keys)
-        super().__init__(f"{path}: {message}")
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One tensor of a file, readable on demand (so a whole state dict is never materialised)."""
-    shape: tuple
-    dtype: torch.dtype
-    read: Callable[[], torch.Tensor]
-    fresh: bool = True  # read() returns a new tensor; False: a view of the file's mapping (pickles)
 
 
 # ---------------------------------------------------------------------------------------------- reading
 
 @contextlib.contextmanager
 def _open_tensors(path: Path):
-    """Yield ({name: _Entry}, metadata) for a .safetensors file (memory-mapped) or a weights-only pickle."""
+    """Yield ({name: Entry}, metadata) for a .safetensors file (memory-mapped) or a weights-only pickle."""
     if not path.exists():
         raise CheckpointError(path, "file not found")
     if path.is_dir():
@@ -114,7 +89,7 @@ def _open_safetensors(path: Path):
                 dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
                 if dtype is None:
                     raise CheckpointError(path, f"tensor {name} has unsupported dtype {view.get_dtype()}", [name])
-                entries[name] = _Entry(tuple(view.get_shape()), dtype, lambda name=name: f.get_tensor(name))
+                entries[name] = Entry(tuple(view.get_shape()), dtype, lambda name=name: f.get_tensor(name))
             yield entries, f.metadata() or {}
     except SafetensorError as e:
         what = "truncated (the header lists more data than the file holds)" if "not fully covered" in str(e) \
@@ -130,8 +105,8 @@ def _open_pickle(path: Path) -> dict:
         raise CheckpointError(path, f"holds a {type(obj).__name__}, not a state dict of tensors")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(path, f"{len(bad)} entries are not tensors: {_few(bad)}", bad)
-    return {k: _Entry(tuple(t.shape), t.dtype, lambda t=t: t, fresh=False) for k, t in obj.items()}
+        raise CheckpointError(path, f"{len(bad)} entries are not tensors: {few(bad)}", bad)
+    return {k: Entry(tuple(t.shape), t.dtype, lambda t=t: t, fresh=False) for k, t in obj.items()}
 
 
 def _torch_load(path: Path):
@@ -167,84 +142,13 @@ def _unpickler_detail(text: str) -> str:
     return useful[0].splitlines()[0] if useful else ""
 
 
-# ---------------------------------------------------------------------------------------------- families
-
-def detect_family(keys) -> str:
-    """'sd1' | 'sd1-inpaint' | 'sd2' | 'sdxl' | 'unknown' from key names (a mapping name -> tensor or shape
-    also lets it see shapes: inpainting needs the UNet's input channels, SD 2.x may show a linear proj_in)."""
-    return _family(keys)[0]
-
-
-def _family(keys) -> tuple:
-    """(family, evidence) where evidence is the key pattern that decided it."""
-    shapes = {k: _shape(v) for k, v in keys.items()} if isinstance(keys, Mapping) else dict.fromkeys(keys)
-    names = list(shapes)
-    if any(k.startswith("conditioner.embedders.") for k in names):
-        return "sdxl", "conditioner.embedders.*"
-    if any(k.startswith("cond_stage_model.model.") for k in names):
-        return "sd2", "cond_stage_model.model.* (OpenCLIP text encoder)"
-    linear_proj = [k for k in names if k.startswith(UNET) and k.endswith("proj_in.weight")
-                   and shapes[k] is not None and len(shapes[k]) == 2]
-    if linear_proj:
-        return "sd2", f"linear {linear_proj[0]}"
-    has_unet = any(k.startswith(UNET) for k in names)
-    if has_unet and any(k.startswith(CLIP_ROOT) for k in names):
-        conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
-        if conv_in is not None and len(conv_in) == 4 and conv_in[1] == 9:
-            return "sd1-inpaint", "9 UNet input channels"
-        return "sd1", "model.diffusion_model.* with cond_stage_model.transformer.*"
-    return "unknown", _unknown_hint(names, has_unet)
-
-
-def _shape(v):
-    if v is None:
-        return None
-    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
-
-
-def _unknown_hint(names: list, has_unet: bool) -> str:
-    if has_unet:
-        return "a UNet but no cond_stage_model.transformer.* text encoder"
-    if any(k.startswith(VAE) or k.startswith("encoder.conv_in") for k in names):
-        return "VAE keys only: a standalone VAE, load it with load_vae"
-    if any(".down_blocks." in k or k.startswith("down_blocks.") or k.startswith("text_model.") for k in names):
-        return "diffusers-style names (down_blocks / text_model.*), not the single-file layout"
-    return f"no model.diffusion_model.* keys; first keys: {_few(sorted(names))}"
-
-
-def _require_sd1(path, entries: dict) -> None:
-    family, evidence = _family(entries)
-    if family not in ("sd1", "sd1-inpaint"):
-        what = {"sd2": "an SD 2.x", "sdxl": "an SDXL", "unknown": "an unknown kind of"}[family]
-        raise CheckpointError(path, f"looks like {what} checkpoint (found {evidence}); "
-                                    "Glass Diffusion loads SD 1.x only")
-
-
 # ---------------------------------------------------------------------------------------------- key transforms
 
-def _sd_entries(path, raw: dict) -> dict:
-    """Declared transforms 2-4 for a full checkpoint: drop ignored keys, add text_model., fix position_ids."""
-    out = {}
-    for name, entry in raw.items():
-        if _ignored(name):
-            continue
-        if name.startswith(CLIP_ROOT) and not name.startswith(CLIP):
-            name = CLIP + name[len(CLIP_ROOT):]  # quirk: CLIP keys without the text_model. level
-        if name in out:
-            raise CheckpointError(path, f"key {name} appears twice (with and without text_model.)", [name])
-        out[name] = entry
-    return _with_position_ids(out)
-
-
-def _ignored(name: str) -> bool:
-    return name.startswith("model_ema.") or name in SCHEDULE_KEYS
-
-
-def _with_position_ids(entries: dict) -> dict:
-    pos = entries.get(CLIP + "embeddings.position_embedding.weight")
-    if POSITION_IDS not in entries and pos is not None:
-        n = pos.shape[0]
-        entries[POSITION_IDS] = _Entry((1, n), torch.int64, lambda: torch.arange(n).unsqueeze(0))
+def _model_entries(path, raw: dict, family: ModelFamily) -> dict:
+    """The ignored keys dropped, then the family's declared transforms in order."""
+    entries = {name: entry for name, entry in raw.items() if not ignored(name)}
+    for transform in family.transforms:
+        entries = transform.apply(path, entries)
     return entries
 
 
@@ -253,18 +157,11 @@ def _vae_entries(path, raw: dict) -> dict:
     if any(k.startswith(VAE) for k in raw):
         entries = {k[len(VAE):]: e for k, e in raw.items() if k.startswith(VAE)}
     else:
-        entries = {k: e for k, e in raw.items() if not (_ignored(k) or k.startswith("loss."))}
+        entries = {k: e for k, e in raw.items() if not (ignored(k) or k.startswith("loss."))}
     if "encoder.conv_in.weight" not in entries:
         raise CheckpointError(path, "not a VAE: no encoder.conv_in.weight (or first_stage_model.encoder."
-                                    f"conv_in.weight); first keys: {_few(sorted(raw))}")
+                                    f"conv_in.weight); first keys: {few(sorted(raw))}")
     return entries
-
-
-def _file_shape(name: str, shape: tuple) -> tuple:
-    """The shape a file tensor takes in the model (transform 5: linear VAE attention -> 1x1 conv)."""
-    if len(shape) == 2 and _VAE_ATTN_WEIGHT.search(name):
-        return shape + (1, 1)
-    return shape
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -280,90 +177,9 @@ def _metadata_config(path, metadata: Mapping):
 
 
 def infer_config(shapes: Mapping, path="<state dict>") -> SDConfig:
-    """SDConfig from a checkpoint's {name: shape} (model names, as after the declared transforms)."""
-    return SDConfig(unet=infer_unet_config(shapes, path=path), clip=infer_clip_config(shapes, path=path),
-                    vae=infer_vae_config(shapes, VAE, path=path))
-
-
-def infer_unet_config(shapes: Mapping, prefix: str = UNET, path="<state dict>") -> UNetConfig:
-    get = _getter(shapes, prefix, path, "UNet")
-    conv_in = get("input_blocks.0.0.weight")
-    base = conv_in[0]
-    levels = _unet_levels(shapes, prefix)
-    if not levels:
-        raise CheckpointError(path, f"cannot infer the UNet config: no {prefix}input_blocks.N.0.in_layers keys")
-    mult = tuple(get(f"input_blocks.{blocks[0]}.0.out_layers.3.weight")[0] // base for blocks in levels)
-    attention = tuple(i for i, blocks in enumerate(levels)
-                      if _has(shapes, prefix, f"input_blocks.{blocks[0]}.1.proj_in.weight"))
-    attn_prefix = f"{prefix}middle_block.1.transformer_blocks."
-    depth = len({k[len(attn_prefix):].split(".")[0] for k in shapes if k.startswith(attn_prefix)})
-    channels = [base * m for m in mult]
-    return UNetConfig(
-        in_channels=conv_in[1], out_channels=get("out.2.weight")[0], model_channels=base, channel_mult=mult,
-        num_res_blocks=len(levels[0]), attention_levels=attention, num_heads=_divisor(8, channels),
-        transformer_depth=depth, context_dim=get("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
-        norm_groups=_divisor(32, channels))
-
-
-def _unet_levels(shapes: Mapping, prefix: str) -> list:
-    """Input-block indices of the residual blocks, grouped by resolution level (a downsampler `op` ends one)."""
-    levels, current, i = [], [], 1
-    while True:
-        if _has(shapes, prefix, f"input_blocks.{i}.0.in_layers.0.weight"):
-            current.append(i)
-        elif _has(shapes, prefix, f"input_blocks.{i}.0.op.weight"):
-            levels.append(current)
-            current = []
-        else:
-            break
-        i += 1
-    return levels + [current] if current else levels
-
-
-def infer_clip_config(shapes: Mapping, prefix: str = CLIP, path="<state dict>") -> CLIPTextConfig:
-    get = _getter(shapes, prefix, path, "CLIP")
-    vocab, width = get("embeddings.token_embedding.weight")
-    layers = _count(shapes, prefix + "encoder.layers.")
-    return CLIPTextConfig(
-        vocab_size=vocab, max_positions=get("embeddings.position_embedding.weight")[0], width=width,
-        layers=layers, heads=width // 64 if width % 64 == 0 else 1,
-        mlp_width=get("encoder.layers.0.mlp.fc1.weight")[0],
-        bos_token_id=vocab - 2, eos_token_id=vocab - 1)  # 49406 / 49407 for the real vocab
-
-
-def infer_vae_config(shapes: Mapping, prefix: str = "", path="<state dict>") -> VAEConfig:
-    get = _getter(shapes, prefix, path, "VAE")
-    conv_in = get("encoder.conv_in.weight")
-    base = conv_in[0]
-    n_levels = _count(shapes, prefix + "encoder.down.")
-    mult = tuple(get(f"encoder.down.{i}.block.0.conv1.weight")[0] // base for i in range(n_levels))
-    return VAEConfig(
-        image_channels=conv_in[1], latent_channels=get("post_quant_conv.weight")[0], base_channels=base,
-        channel_mult=mult, num_res_blocks=_count(shapes, prefix + "encoder.down.0.block."),
-        norm_groups=_divisor(32, [base * m for m in mult]))
-
-
-def _getter(shapes: Mapping, prefix: str, path, part: str):
-    def get(name: str) -> tuple:
-        if prefix + name not in shapes:
-            raise CheckpointError(path, f"cannot infer the {part} config: key {prefix + name} is missing",
-                                  [prefix + name])
-        return _file_shape(prefix + name, _shape(shapes[prefix + name]))
-    return get
-
-
-def _has(shapes: Mapping, prefix: str, name: str) -> bool:
-    return prefix + name in shapes
-
-
-def _count(shapes: Mapping, prefix: str) -> int:
-    """Number of numbered children under prefix (`encoder.layers.` -> 12)."""
-    return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
-
-
-def _divisor(preferred: int, channels: list) -> int:
-    """`preferred` (the SD 1.x value) when it divides every channel count, else the largest that does."""
-    return math.gcd(preferred, *channels)
+    """SDConfig from a checkpoint's {name: shape} (model names, as after the declared transforms), by the
+    detected family's rules."""
+    return family_for(path, shapes).infer_config(shapes, path)
 
 
 # ---------------------------------------------------------------------------------------------- sanity checks
@@ -376,27 +192,34 @@ _LIMITS = {"model_channels": 16384, "channel_mult": 8, "num_res_blocks": 16, "tr
            "width": 16384, "layers": 128, "mlp_width": 65536, "image_channels": 16, "latent_channels": 64,
            "base_channels": 4096}
 _FROM_SHAPES = {"unet": ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
-                         "attention_levels", "transformer_depth", "context_dim"),
+                         "attention_levels", "transformer_depth", "context_dim", "use_linear_proj",
+                         "transformer_depth_middle"),
                 "clip": ("vocab_size", "max_positions", "width", "layers", "mlp_width"),
                 "vae": ("image_channels", "latent_channels", "base_channels", "channel_mult", "num_res_blocks")}
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8) + _WEIGHT_DTYPES
 
 
-def checked_config(path, config, entries: Mapping, vae_only: bool = False):
-    """The config to build: the tensor shapes' (inferred) values, the metadata's ``config`` for what shapes
-    do not decide (heads, groups, eps, token ids, latent scale), every value checked. CheckpointError naming
-    the file and the value otherwise. ``vae_only``: entries are a standalone VAE's; returns a VAEConfig."""
+def checked_config(path, config, entries: Mapping, vae_only: bool = False, family: ModelFamily = None):
+    """The config to build: the tensor shapes' (inferred, by the family's rules) values, the metadata's
+    ``config`` for what shapes do not decide (heads, groups, eps, token ids, latent scale), every value checked.
+    CheckpointError naming the file and the value otherwise. ``vae_only``: entries are a standalone VAE's;
+    returns a VAEConfig."""
     try:
-        inferred = {"vae": infer_vae_config(entries, "" if vae_only else VAE, path)}
-        if not vae_only:
-            inferred.update(unet=infer_unet_config(entries, path=path), clip=infer_clip_config(entries, path=path))
+        if vae_only:
+            inferred = {"vae": infer_vae_config(entries, "", path)}
+        else:
+            shaped = family.infer_config(entries, path)
+            inferred = {"unet": shaped.unet, "clip": shaped.clip, "vae": shaped.vae}
     except (ZeroDivisionError, IndexError, ValueError, TypeError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(path, f"the tensor shapes give no usable config ({type(e).__name__}: {e})") from None
     given = None if config is None else ({"vae": config.vae} if vae_only else
                                          {"unet": config.unet, "clip": config.clip, "vae": config.vae})
+    if given is not None and not vae_only and type(given["clip"]) is not type(inferred["clip"]):
+        raise CheckpointError(path, f"metadata {CONFIG_METADATA_KEY} describes a {type(given['clip']).__name__} text "
+                                    f"encoder, the file holds the {family.label} one ({family.text[0].encoder})")
     parts = {}
     for part, shaped in inferred.items():
         for name in _FROM_SHAPES[part]:
@@ -405,8 +228,8 @@ def checked_config(path, config, entries: Mapping, vae_only: bool = False):
             sized = len(value) if isinstance(value, tuple) else value
             if bound is not None and not 1 <= sized <= bound:
                 raise CheckpointError(path, f"the tensor shapes give {part} {name} = {value!r}, outside 1..{bound}")
-            if isinstance(value, tuple) and any(not isinstance(v, int) or v < (0 if name == "attention_levels" else 1)
-                                                or v > 64 for v in value):
+            lowest = 0 if name in ("attention_levels", "transformer_depth") else 1  # depth 0: a level without attention
+            if isinstance(value, tuple) and any(not isinstance(v, int) or v < lowest or v > 64 for v in value):
                 raise CheckpointError(path, f"the tensor shapes give {part} {name} = {value!r}")
         if given is None:
             parts[part] = shaped
@@ -433,6 +256,8 @@ def _check_free_values(path, parts: dict) -> None:
         channels = [u.model_channels * m for m in u.channel_mult]
         need(count(u.num_heads) and all(c % u.num_heads == 0 for c in channels), "unet", "num_heads", u.num_heads,
              f"an integer >= 1 dividing every level's channels {channels}")
+        need(u.head_dim is None or (count(u.head_dim) and all(c % u.head_dim == 0 for c in channels)), "unet",
+             "head_dim", u.head_dim, f"None or an integer >= 1 dividing every level's channels {channels}")
         need(count(u.norm_groups) and all(c % u.norm_groups == 0 for c in channels), "unet", "norm_groups",
              u.norm_groups, f"an integer >= 1 dividing every level's channels {channels}")
         need(all(0 <= a < len(u.channel_mult) for a in u.attention_levels), "unet", "attention_levels",
@@ -465,7 +290,7 @@ def check_tensors(path, tensors: Mapping, config=None, values: bool = False) -> 
         if bad:
             found = sorted({str(tensors[k].dtype).removeprefix("torch.") for k in bad})
             raise CheckpointError(path, f"{len(bad)} tensors have a dtype the model cannot use ({', '.join(found)}; "
-                                        f"weights must be float16, bfloat16, float32 or float64): {_few(bad)}", bad)
+                                        f"weights must be float16, bfloat16, float32 or float64): {few(bad)}", bad)
         return
     limit = getattr(getattr(config, "clip", None), "max_positions", None)
     for k, t in tensors.items():
@@ -478,13 +303,15 @@ def check_tensors(path, tensors: Mapping, config=None, values: bool = False) -> 
 # ---------------------------------------------------------------------------------------------- loading
 
 def load_checkpoint(path, device="cpu", dtype=None) -> StableDiffusion:
-    """Load an SD 1.x single-file checkpoint. dtype None keeps the file's float dtype."""
+    """Load a single-file checkpoint of a family in `family.FAMILIES` (others are refused, naming the family
+    they look like). The model's `.family` is the detected row. dtype None keeps the file's float dtype."""
     path = Path(path)
     with _open_tensors(path) as (raw, metadata):
-        entries = _sd_entries(path, raw)
-        _require_sd1(path, entries)
-        config = checked_config(path, _metadata_config(path, metadata), entries)
-        model = _on_meta(StableDiffusion, config)
+        family = family_for(path, raw, lambda name: raw[name].read())
+        entries = _model_entries(path, raw, family)
+        config = checked_config(path, _metadata_config(path, metadata), entries, family=family)
+        with torch.device("meta"):  # no memory, no random init
+            model = StableDiffusion(config, family)
         _load_into(path, model, entries, device, dtype)
     return model.eval()
 
@@ -497,14 +324,10 @@ def load_vae(path, device="cpu", dtype=None) -> AutoencoderKL:
         entries = _vae_entries(path, raw)
         full = _metadata_config(path, metadata)
         config = checked_config(path, full, entries, vae_only=True)
-        model = _on_meta(AutoencoderKL, config)
+        with torch.device("meta"):
+            model = AutoencoderKL(config)
         _load_into(path, model, entries, device, dtype)
     return model.eval()
-
-
-def _on_meta(cls, config):
-    with torch.device("meta"):  # no memory, no random init
-        return cls(config)
 
 
 def _load_into(path, model: torch.nn.Module, entries: dict, device, dtype) -> None:
@@ -519,19 +342,19 @@ def _load_into(path, model: torch.nn.Module, entries: dict, device, dtype) -> No
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(path, f"{len(left)} model tensors are not in the state dict (non-persistent "
-                                    f"buffers?): {_few(left)}", left)
+                                    f"buffers?): {few(left)}", left)
 
 
 def _check_keys(path, expected: dict, entries: dict) -> None:
-    found = {k: _file_shape(k, e.shape) for k, e in entries.items()}
+    found = {k: file_shape(k, e.shape) for k, e in entries.items()}
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     wrong = [k for k in expected if k in found and found[k] != expected[k]]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys: {_few(missing)}")
+        problems.append(f"{len(missing)} missing keys: {few(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_few(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected keys: {few(unexpected)}")
     if wrong:
         problems.append(f"{len(wrong)} keys with the wrong shape: " + "; ".join(
             f"{k} expected {list(expected[k])}, found {list(found[k])}" for k in wrong[:_SHOW])
@@ -550,7 +373,7 @@ def _file_float_dtype(entries: dict) -> torch.dtype:
     return max(totals, key=totals.get) if totals else torch.float32
 
 
-def _convert(name: str, entry: _Entry, shape: tuple, device, dtype) -> torch.Tensor:
+def _convert(name: str, entry: Entry, shape: tuple, device, dtype) -> torch.Tensor:
     src = entry.read()
     if name.endswith("position_ids"):
         t = (src.round() if src.is_floating_point() else src).to(device=device, dtype=torch.int64)
@@ -563,41 +386,20 @@ def _convert(name: str, entry: _Entry, shape: tuple, device, dtype) -> torch.Ten
 
 # ---------------------------------------------------------------------------------------------- saving
 
-def schedule_buffers(steps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012) -> dict:
-    """The 12 DDPM buffers the LDM class stores in SD 1.x files (computed in float64, stored float32)."""
-    betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, steps, dtype=torch.float64) ** 2
-    alphas = 1.0 - betas
-    acp = torch.cumprod(alphas, 0)
-    acp_prev = torch.cat([acp.new_ones(1), acp[:-1]])
-    posterior_variance = betas * (1.0 - acp_prev) / (1.0 - acp)
-    buffers = {
-        "betas": betas,
-        "alphas_cumprod": acp,
-        "alphas_cumprod_prev": acp_prev,
-        "sqrt_alphas_cumprod": acp.sqrt(),
-        "sqrt_one_minus_alphas_cumprod": (1.0 - acp).sqrt(),
-        "log_one_minus_alphas_cumprod": (1.0 - acp).log(),
-        "sqrt_recip_alphas_cumprod": (1.0 / acp).sqrt(),
-        "sqrt_recipm1_alphas_cumprod": (1.0 / acp - 1).sqrt(),
-        "posterior_variance": posterior_variance,
-        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
-        "posterior_mean_coef1": betas * acp_prev.sqrt() / (1.0 - acp),
-        "posterior_mean_coef2": (1.0 - acp_prev) * alphas.sqrt() / (1.0 - acp),
-    }
-    return {k: v.to(torch.float32) for k, v in buffers.items()}
-
-
 def save_checkpoint(model: StableDiffusion, path, dtype=torch.float16, overwrite=False, metadata=None) -> Path:
-    """Write `model` as an SD 1.5 single-file .safetensors (model keys, int64 position_ids, the 12 schedule
-    buffers, config JSON in metadata). Atomic: a temp file in the same folder, then os.replace.
-    dtype None keeps the model's dtype."""
+    """Write `model` as a single-file .safetensors of its family (model keys through the family's inverse
+    transforms, int64 position_ids, the 12 schedule buffers, config JSON in metadata). Atomic: a temp file in
+    the same folder, then os.replace. dtype None keeps the model's dtype."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: save_checkpoint writes .safetensors files only")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
-    tensors = {k: _for_saving(k, t, dtype) for k, t in model.state_dict().items()}
-    tensors.update(schedule_buffers())
+    state = model.state_dict()
+    for transform in reversed(model.family.transforms):
+        state = transform.inverse(state)
+    tensors = {k: _for_saving(k, t, dtype) for k, t in state.items()}
+    tensors.update(schedule_buffers(model.family.schedule))
     extra = {str(k): str(v) for k, v in (metadata or {}).items()}
     _atomic_save_file(tensors, path, {**extra, "format": "pt",
                                       CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())})
@@ -649,13 +451,3 @@ _NEW_FILE_MODE = 0o666 & ~_read_umask()
 def _new_file_mode() -> int:
     """The mode open() would give a new file: 0666 minus the process umask (as read at import)."""
     return _NEW_FILE_MODE
-
-
-def _few(keys: list) -> str:
-    shown = ", ".join(keys[:_SHOW])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > _SHOW else "")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

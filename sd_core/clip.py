@@ -113,6 +113,10 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T] -> [B, T, D] (no positions), for textual-inversion vectors put in place."""
+        return self.text_model.embeddings.token_embedding(ids)
+
     def forward(self, input_ids: torch.Tensor, inputs_embeds: Optional[torch.Tensor] = None,
                 layer: int = -1, output_hidden_states: bool = False) -> CLIPOutput:
         cfg, tm = self.config, self.text_model

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from .errors import ParamError
 from .prompt import WINDOW, Dirs, EmbeddingVector, prompt_windows
 
 log = logging.getLogger(__name__)
@@ -56,17 +57,18 @@ def encode_windows(clip_model, windows: list, *, bos: int, eos: int, pad: int, c
                    weighting: str = "comfy") -> tuple:
     """(z [1, 77k, D] float32, pooled [1, D] float32) for windows of (token, weight) pairs."""
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        raise ParamError("weighting", f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     cfg = clip_model.config
     if not -cfg.layers <= clip_skip <= -1:
-        raise ValueError(f"clip_skip must be in -{cfg.layers}..-1 (-1 = last layer), got {clip_skip}")
+        raise ParamError("clip_skip", f"clip_skip must be in -{cfg.layers}..-1 (-1 = last layer), got {clip_skip}")
     if eos != cfg.eos_token_id:
-        raise ValueError(f"tokenizer end token {eos} is not the CLIP model's end token {cfg.eos_token_id}; "
-                         "tokenizer and model come from different vocabularies")
+        raise ParamError("tokenizer", f"tokenizer end token {eos} is not the CLIP model's end token "
+                                      f"{cfg.eos_token_id}; tokenizer and model come from different vocabularies")
     param = next(clip_model.parameters())
     ids, vectors, weights = _window_inputs(windows, cfg.width, pad, eos)
     if any(len(w) != WINDOW for w in windows) or int(ids.max()) >= cfg.vocab_size:
-        raise ValueError(f"windows must be {WINDOW} ids below the model's vocabulary size {cfg.vocab_size}")
+        raise ParamError("windows", f"windows must be {WINDOW} ids below the model's vocabulary size "
+                                    f"{cfg.vocab_size}")
     sections = ids.shape[0]
     has_weights = bool((weights != 1.0).any())
     if weighting == "comfy" and has_weights:  # the empty prompt, encoded alongside with the same clip skip
@@ -76,7 +78,7 @@ def encode_windows(clip_model, windows: list, *, bos: int, eos: int, pad: int, c
 
     embeds = None
     if vectors:
-        embeds = clip_model.text_model.embeddings.token_embedding(ids)  # (B, 77) -> (B, 77, D)
+        embeds = clip_model.embed_tokens(ids)  # (B, 77) -> (B, 77, D)
         for (k, pos), v in vectors.items():
             embeds[k, pos] = v.to(device=embeds.device, dtype=embeds.dtype)
     out = clip_model(ids, inputs_embeds=embeds, layer=clip_skip)

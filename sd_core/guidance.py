@@ -6,36 +6,66 @@ CONDITIONING = [[context [1|B, 77k, D], {"pooled_output": ..., optional "strengt
 For one step, every active entry of the positive and negative lists runs through the UNet (entries whose inputs
 have the same shape share one batched call, so plain cond + uncond is one batch-2 call); each output is weighted
 by strength x mask x area (feathered area edges) and the weighted sums are normalised per pixel. Then
-x0 = uncond + cfg * (cond - uncond); with cfg == 1 the negative list is skipped.
+x0 = uncond + cfg * (cond - uncond); with cfg == 1 the negative list is skipped. A handle with `rescale_cfg`
+> 0 applies RescaleCFG to that combination (`rescale_cfg` below).
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .schedules import ModelSampling
+from .errors import ParamError
+
+_WIDTH_HINTS = {2048: "an SDXL conditioning", 1024: "an SD 2.x conditioning", 768: "an SD 1.x conditioning"}
 
 
-def validate_conditioning(cond, context_dim, name="conditioning"):
+def check_conditioning(cond, model, name="conditioning"):
     """Refuse a CONDITIONING that is malformed or whose width does not fit the model (e.g. SDXL's 2048 into
-    SD 1.x's 768)."""
+    SD 1.x's 768). model: a DiffusionModel. Raises ParamError(name)."""
     if not isinstance(cond, (list, tuple)) or len(cond) == 0:
-        raise ValueError(f"{name} must be a non-empty CONDITIONING list of [tensor, dict] pairs")
+        raise ParamError(name, f"{name} must be a non-empty CONDITIONING list of [tensor, dict] pairs")
+    context_dim = model.context_dim
     for i, entry in enumerate(cond):
         if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not torch.is_tensor(entry[0]):
-            raise ValueError(f"{name}[{i}] must be a [tensor, dict] pair")
+            raise ParamError(name, f"{name}[{i}] must be a [tensor, dict] pair")
         t = entry[0]
         if t.ndim != 3:
-            raise ValueError(f"{name}[{i}] tensor must be [B, tokens, width], got shape {tuple(t.shape)}")
+            raise ParamError(name, f"{name}[{i}] tensor must be [B, tokens, width], got shape {tuple(t.shape)}")
         if t.shape[-1] != context_dim:
-            hint = " (an SDXL conditioning? this is an SD 1.x model)" if t.shape[-1] == 2048 else ""
-            raise ValueError(f"{name}[{i}] has width {t.shape[-1]} but the model's cross-attention expects "
-                             f"{context_dim}{hint}")
+            guess = _WIDTH_HINTS.get(t.shape[-1])
+            hint = f" ({guess}? this is an {model.family.label} model)" if guess else ""
+            raise ParamError(name, f"{name}[{i}] has width {t.shape[-1]} but the model's cross-attention expects "
+                                   f"{context_dim}{hint}")
         if not torch.isfinite(t).all():
-            raise ValueError(f"{name}[{i}] contains NaN or infinite values")
+            raise ParamError(name, f"{name}[{i}] contains NaN or infinite values")
         s = entry[1].get("strength", 1.0)
         if not math.isfinite(float(s)):
-            raise ValueError(f"{name}[{i}] strength must be finite, got {s!r}")
+            raise ParamError(name, f"{name}[{i}] strength must be finite, got {s!r}")
+
+
+def check_cfg(cfg) -> float:
+    try:
+        value = float(cfg)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise ParamError("cfg", f"cfg must be a finite number >= 0, got {cfg!r}")
+    return value
+
+
+def rescale_cfg(x, sigma, cond, uncond, cfg, multiplier):
+    """RescaleCFG (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16) on
+    x0 estimates: cond and uncond go to v space, are combined with cfg, the result is rescaled to the std of
+    the cond (over C, H, W) and blended with the plain combination by `multiplier`, then turned back into x0."""
+    s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
+    root = (s * s + 1.0) ** 0.5
+    x_in = x / (s * s + 1.0)  # the sigma_data = 1 skip term of the v parameterisation
+    v_cond = (x_in - cond) * root / s  # x0 -> v: x0 = x_in - v * s / root
+    v_uncond = (x_in - uncond) * root / s
+    v_cfg = v_uncond + cfg * (v_cond - v_uncond)
+    ratio = v_cond.std(dim=(1, 2, 3), keepdim=True) / v_cfg.std(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    v_final = multiplier * (v_cfg * ratio) + (1.0 - multiplier) * v_cfg
+    return x_in - v_final * s / root
 
 
 def prepare_conds(cond, latent_shape, model_sampling, device):
@@ -151,44 +181,28 @@ def _batch(t, b):
 
 
 class CFGDenoiser:
-    """denoiser(x, sigma[B]) -> x0 with classifier-free guidance.
+    """denoiser(x, sigma[B]) -> x0 with classifier-free guidance over a DiffusionModel handle.
 
-    unet(x_in, timesteps[B] float, context) -> eps (or v, per model_sampling.prediction).
     concat: optional [B, Cc, h, w] extra input channels (9-channel inpainting models: mask + masked latent).
     """
 
-    def __init__(self, unet, positive, negative, cfg, latent_shape, model_sampling=None, concat=None,
-                 context_dim=None):
-        self.unet = unet
-        self.ms = model_sampling or ModelSampling()
-        self.cfg = float(cfg)
-        if not math.isfinite(self.cfg) or self.cfg < 0:
-            raise ValueError(f"cfg must be a finite number >= 0, got {cfg!r}")
-        device = next(unet.parameters()).device if isinstance(unet, torch.nn.Module) else torch.device("cpu")
-        if context_dim is None:
-            context_dim = getattr(getattr(unet, "config", None), "context_dim", None)
-        if context_dim is not None:
-            validate_conditioning(positive, context_dim, "positive")
-            if negative is not None:
-                validate_conditioning(negative, context_dim, "negative")
-        self.positive = prepare_conds(positive, latent_shape, self.ms, device)
-        self.negative = prepare_conds(negative, latent_shape, self.ms, device) if negative is not None else []
+    def __init__(self, model, positive, negative, cfg, latent_shape, concat=None):
+        self.model = model
+        self.cfg = check_cfg(cfg)
+        check_conditioning(positive, model, "positive")
+        if negative is not None:
+            check_conditioning(negative, model, "negative")
+        device = model.device
+        self.positive = prepare_conds(positive, latent_shape, model.sampling, device)
+        self.negative = prepare_conds(negative, latent_shape, model.sampling, device) if negative is not None else []
         pair_areas(self.positive, self.negative)
         self.concat = concat
-        # the UNet's weight dtype, looked up once (not on every step); plain callables get x's dtype
-        self.unet_dtype = next(unet.parameters()).dtype if isinstance(unet, torch.nn.Module) else None
+        self.unet_dtype = model.dtype  # looked up once, not on every step
         self.calls = 0  # UNet forward calls (for tests and statistics)
 
     def _run(self, x_in, sigma, context, concat):
-        ms = self.ms
-        inp = ms.calculate_input(sigma, x_in)
-        if concat is not None:
-            inp = torch.cat([inp, concat.to(inp.dtype)], dim=1)  # (N, 4 + Cc, h, w)
-        t = ms.timestep(sigma).to(x_in.device, torch.float32)
-        dtype = self.unet_dtype or x_in.dtype
         self.calls += 1
-        out = self.unet(inp.to(dtype), t, context.to(dtype))
-        return ms.calculate_denoised(sigma, out.to(x_in.dtype), x_in)
+        return self.model.denoise(x_in, sigma, context, concat, dtype=self.unet_dtype)
 
     def calc_cond_batch(self, cond_lists, x, sigma):
         """Weighted x0 estimates, one per list (None lists give zeros)."""
@@ -232,4 +246,6 @@ class CFGDenoiser:
         cond, uncond = self.calc_cond_batch([self.positive, None if skip_uncond else self.negative], x, sigma)
         if skip_uncond:
             return cond
+        if self.model.rescale_cfg:
+            return rescale_cfg(x, sigma, cond, uncond, self.cfg, self.model.rescale_cfg)
         return uncond + (cond - uncond) * self.cfg

@@ -1,8 +1,10 @@
-"""The SD 1.x container: UNet + VAE + CLIP text encoder under the single-file checkpoint's prefixes.
+"""The checkpoint container: UNet + VAE + text encoder under the single-file checkpoint's prefixes.
 
-`StableDiffusion(cfg).state_dict()` has exactly the model keys of an SD 1.x `.safetensors` file
-(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.text_model.*`), so a file
-loads with one `load_state_dict` (schedule buffers such as `betas` are left to the loader to drop).
+`StableDiffusion(cfg, family).state_dict()` has exactly the model keys of the family's `.safetensors` file
+(SD 1.x: `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.text_model.*`), so a
+file loads with one `load_state_dict` after the family's declared key transforms (schedule buffers such as
+`betas` are left to the loader to drop). `family` is a `sd_core.family.ModelFamily` row: the facts the weights
+alone do not tell (prediction type, schedule, latent format, text recipe).
 """
 from dataclasses import asdict, dataclass, field
 
@@ -60,9 +62,12 @@ class FrozenCLIPEmbedder(nn.Module):
 
 
 class StableDiffusion(nn.Module):
-    def __init__(self, config: SDConfig):
+    def __init__(self, config: SDConfig, family):
         super().__init__()
+        if family is None or not hasattr(family, "prediction"):
+            raise TypeError(f"StableDiffusion needs a ModelFamily (sd_core.family), got {family!r}")
         self._config = config
+        self.family = family
         self.model = DiffusionWrapper(UNetModel(config.unet))
         self.first_stage_model = AutoencoderKL(config.vae)
         self.cond_stage_model = FrozenCLIPEmbedder(CLIPTextModel(config.clip))

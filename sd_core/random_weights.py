@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from .family import family_of_config
 from .model import SDConfig, StableDiffusion
 
 
@@ -30,10 +31,11 @@ def random_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def build_random(config: SDConfig, seed: int = 0) -> StableDiffusion:
+def build_random(config: SDConfig, seed: int = 0, family=None) -> StableDiffusion:
     """A StableDiffusion of `config` with seeded random weights (fp32, CPU, eval mode), built without a
-    first default initialisation (meta device, then `to_empty`)."""
+    first default initialisation (meta device, then `to_empty`). family: its ModelFamily (None: the one the
+    config's structure names, `family.family_of_config`)."""
     with torch.device("meta"):
-        model = StableDiffusion(config)
+        model = StableDiffusion(config, family or family_of_config(config))
     model = model.to_empty(device="cpu")
     return random_init_(model, seed).eval()

@@ -4,11 +4,15 @@
 1. noise = prepare_noise(latent, seed, batch_index) on the CPU (zeros when add_noise is off);
 2. sigmas from the scheduler for (steps, denoise) (+1 step and the penultimate sigma dropped for dpm_2,
    dpm_2_ancestral, uni_pc), then cut to [start_step, last_step] (last_step with force_full_denoise ends at 0);
-3. the latent is multiplied by the VAE scaling factor; x = latent + noise * sigma_0, or
+3. the latent is multiplied by the model's latent scale factor (its LatentFormat); x = latent + noise * sigma_0, or
    latent + noise * sqrt(1 + sigma_0^2) when sigma_0 is the model's largest sigma;
 4. with a noise_mask, every denoiser call blends the known latent back (KSamplerX0Inpaint): the input is
    x * m + (latent + sigma * noise) * (1 - m) and the output x0 * m + latent * (1 - m);
-5. the sampler runs; the result is divided by the scaling factor.
+5. the sampler runs; the result is divided by the scale factor.
+
+`sample(model, positive, negative, latent, request)`: model is the `DiffusionModel` handle (its family's
+prediction type and schedule decide the algebra), request a `SampleRequest`. The pieces are public:
+`check_request`, `plan_sigmas`, `prepare` (denoiser, noisy start, step-noise source), then the sampler function.
 
 Split runs: for single-step samplers, running steps [0, k) with return_with_leftover_noise and then [k, n) with
 add_noise off gives the whole run's result, provided the ancestral noise continues (pass one `noise_source`
@@ -19,19 +23,111 @@ a split run differs slightly from the whole run there. Brownian-tree samplers bu
 own sigma range, so their noise differs too.
 """
 import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import samplers as S
-from .guidance import CFGDenoiser
-from .noise import NOISE_KINDS, make_noise_source, prepare_noise
-from .schedules import ModelSampling, SCHEDULER_NAMES, get_sigmas, validate_denoise, validate_steps
+from . import samplers
+from .conditioning import encode_prompt
+from .diffusion import DiffusionModel
+from .errors import ParamError
+from .guidance import CFGDenoiser, check_cfg, check_conditioning
+from .noise import NOISE_KINDS, CPUNoise, make_noise_source, prepare_noise
+from .pixels import decode_latent, downscale, encode_pixels, prepare_inpaint
+from .schedules import check_scheduler, check_sigmas, get_sigmas, validate_denoise, validate_steps
 
-# the latent of an all-zero (mid-grey) image, used as the masked image of a 9-channel model without a mask
-_BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What to run (KSampler / KSamplerAdvanced / SamplerCustom inputs), apart from the model and the data.
+
+    start_step / last_step: KSamplerAdvanced's range (last_step with force_full_denoise ends at sigma 0).
+    noise_kind: step noise of ancestral / SDE samplers: "cpu" (default; the same image on any device, and
+        exactly ComfyUI's result on a CPU) or "device" (ComfyUI's behaviour on a GPU).
+    sigmas: explicit SIGMAS (SamplerCustom); then steps / scheduler / denoise are only checked.
+    sampler_options: extra keyword arguments of the sampler function.
+    """
+    seed: int
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str = "normal"
+    denoise: float = 1.0
+    add_noise: bool = True
+    start_step: Optional[int] = None
+    last_step: Optional[int] = None
+    force_full_denoise: bool = False
+    noise_kind: str = "cpu"
+    sigmas: Optional[torch.Tensor] = None
+    sampler_options: dict = field(default_factory=dict)
+
+    @classmethod
+    def advanced(cls, *, noise_seed, start_at_step=0, end_at_step=10000, return_with_leftover_noise=False,
+                 **kw) -> "SampleRequest":
+        """KSamplerAdvanced's inputs and semantics."""
+        return cls(seed=noise_seed, start_step=start_at_step, last_step=end_at_step,
+                   force_full_denoise=not return_with_leftover_noise, **kw)
 
 
+def check_request(request: SampleRequest) -> SampleRequest:
+    """The request with its values checked and normalised (cfg and denoise as floats, sigmas as a float32 copy);
+    ParamError naming the field otherwise."""
+    if not isinstance(request, SampleRequest):
+        raise TypeError(f"expected a SampleRequest, got {type(request).__name__}")
+    r = request
+    validate_steps(r.steps)
+    denoise = validate_denoise(r.denoise)
+    _as_param("sampler_name", samplers.get_sampler, r.sampler_name)
+    check_scheduler(r.scheduler)
+    if r.noise_kind not in NOISE_KINDS:
+        raise ParamError("noise_kind", f"noise_kind must be one of {NOISE_KINDS}, got {r.noise_kind!r}")
+    if isinstance(r.seed, bool) or not isinstance(r.seed, int) or not 0 <= r.seed < 2 ** 64:
+        raise ParamError("seed", f"seed must be an integer in 0..2**64-1, got {r.seed!r}")
+    for name in ("start_step", "last_step"):
+        v = getattr(r, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ParamError(name, f"{name} must be an integer >= 0, got {v!r}")
+    sigmas = check_sigmas(torch.as_tensor(r.sigmas)) if r.sigmas is not None else None
+    return replace(r, cfg=check_cfg(r.cfg), denoise=denoise, sigmas=sigmas, sampler_options=dict(r.sampler_options))
+
+
+def _as_param(name, check, value):
+    try:
+        return check(value)
+    except ParamError:
+        raise
+    except ValueError as e:
+        raise ParamError(name, str(e)) from None
+
+
+def _check_finite(name, t):
+    if not torch.isfinite(t).all():
+        raise ParamError(name, f"{name} contains NaN or infinite values")
+
+
+def check_latent(model, latent, name="latent") -> torch.Tensor:
+    """The samples [B, C, h, w] of a LATENT that fits the model's latent format; ParamError(name) otherwise."""
+    if not isinstance(latent, dict) or not torch.is_tensor(latent.get("samples")):
+        raise ParamError(name, f"{name} must be a LATENT dict with a 'samples' tensor")
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise ParamError(name, f"{name} samples must be [B, C, h, w], got shape {tuple(samples.shape)}")
+    channels = model.latent_format.channels
+    if samples.shape[1] != channels:
+        raise ParamError(name, f"expected a {channels}-channel {model.family.line} latent, got {samples.shape[1]} "
+                               "channels")
+    _check_finite(name, samples)
+    mask = latent.get("noise_mask")
+    if mask is not None:
+        if not torch.is_tensor(mask) or mask.ndim < 2:
+            raise ParamError(name, f"{name} noise_mask must be a tensor [B, H, W], got {type(mask).__name__}")
+        _check_finite(name, mask)
+    return samples
+
+
+# ---- masks and inpainting ----------------------------------------------------------------------------------
 def prepare_mask(mask, shape):
     """noise_mask [B|1, H, W] (any size) -> [B, C, h, w] by bilinear resize, as ComfyUI."""
     mask = mask.float().reshape((-1, 1, mask.shape[-2], mask.shape[-1]))
@@ -42,11 +138,11 @@ def prepare_mask(mask, shape):
     return mask[:shape[0]]
 
 
-def inpaint_concat(latent, mask):
-    """Extra input channels of a 9-channel inpainting UNet: [mask (1), masked-image latent (4)]."""
+def inpaint_concat(model, latent, mask):
+    """Extra input channels of a 9-channel inpainting UNet: [mask (1), masked-image latent (C)] for the scaled
+    latent [B, C, h, w]; without a mask, mask 1 and the family's blank (grey image) latent."""
     if mask is None:
-        blank = torch.tensor(_BLANK_INPAINT_LATENT, dtype=latent.dtype, device=latent.device)
-        return torch.cat([torch.ones_like(latent[:, :1]), blank.view(1, -1, 1, 1).expand_as(latent)], dim=1)
+        return torch.cat([torch.ones_like(latent[:, :1]), model.latent_format.blank_inpaint_like(latent)], dim=1)
     return torch.cat([mask[:, :1].round().to(latent.dtype), latent], dim=1)
 
 
@@ -66,192 +162,163 @@ class InpaintDenoiser:
         return self.inner(x, sigma) * m + self.latent * keep
 
 
-def _check_finite(t, what):
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{what} contains NaN or infinite values")
+def guided_denoiser(model, positive, negative, cfg, scaled, mask=None) -> CFGDenoiser:
+    """The CFG denoiser for a scaled latent [B, C, h, w] (on the model's device), with the 9-channel inpainting
+    inputs when the model takes them. mask: the prepared noise mask [B, C, h, w] or None."""
+    concat = inpaint_concat(model, scaled, mask) if model.is_inpaint else None
+    return CFGDenoiser(model, positive, negative, cfg, scaled.shape, concat=concat)
 
 
-def _check_step(v, what):
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{what} must be an integer >= 0, got {v!r}")
-    return v
+def guided_eval(model, positive, negative, latent: dict, cfg, sigma: float) -> tuple:
+    """One guided evaluation at noise level sigma: (eps, x0) as LATENT dicts (eps in the scaled latent space,
+    x0 unscaled), the latent's noise_mask feeding a 9-channel model's mask channel."""
+    samples = check_latent(model, latent)
+    check_conditioning(positive, model, "positive")
+    check_conditioning(negative, model, "negative")
+    sigma = float(sigma)
+    if not sigma > 0:
+        raise ParamError("sigma", f"sigma must be > 0 (at sigma 0 the latent is clean), got {sigma}")
+    device, scale = model.device, model.scaling_factor
+    x = samples.to(device, torch.float32) * scale
+    mask = latent.get("noise_mask")
+    mask = prepare_mask(mask, x.shape).to(device) if mask is not None and model.is_inpaint else None
+    guider = guided_denoiser(model, positive, negative, cfg, x, mask)
+    with torch.no_grad():
+        x0 = guider(x, torch.full((x.shape[0],), sigma, device=device))
+    eps = (x - x0) / sigma
+    return {**latent, "samples": eps.float().cpu()}, {**latent, "samples": (x0 / scale).float().cpu()}
 
 
-def plan_sigmas(scheduler, sampler_name, steps, denoise=1.0, start_step=None, last_step=None,
-                force_full_denoise=False, model_sampling=None, sigmas=None):
+# ---- sampling ------------------------------------------------------------------------------------------------
+def plan_sigmas(sampling, request: SampleRequest) -> torch.Tensor:
     """The exact SIGMAS `sample` runs (len - 1 = number of steps, e.g. for a progress bar); empty when nothing
-    is to be done. KSampler's schedule for (steps, denoise), then KSamplerAdvanced's cut: up to last_step (its
-    sigma replaced by 0 with force_full_denoise), from start_step."""
+    is to be done. KSampler's schedule for (steps, denoise) on `sampling` (a ModelSampling), then
+    KSamplerAdvanced's cut: up to last_step (its sigma replaced by 0 with force_full_denoise), from start_step."""
+    r = check_request(request)
+    sigmas = r.sigmas
     if sigmas is None:
-        sigmas = get_sigmas(scheduler, model_sampling or ModelSampling(), steps, denoise,
-                            discard_penultimate=sampler_name in S.DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
-    if last_step is not None and last_step < len(sigmas) - 1:
-        sigmas = sigmas[:last_step + 1].clone()
-        if force_full_denoise:
+        sigmas = get_sigmas(r.scheduler, sampling, r.steps, r.denoise,
+                            discard_penultimate=r.sampler_name in samplers.DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
+    if r.last_step is not None and r.last_step < len(sigmas) - 1:
+        sigmas = sigmas[:r.last_step + 1].clone()
+        if r.force_full_denoise:
             sigmas[-1] = 0
-    if start_step is not None:
-        sigmas = sigmas[start_step:] if start_step < len(sigmas) - 1 else sigmas[:0]
+    if r.start_step is not None:
+        sigmas = sigmas[r.start_step:] if r.start_step < len(sigmas) - 1 else sigmas[:0]
     return sigmas
 
 
-def sample(unet, positive, negative, latent, *, seed, steps, cfg, sampler_name, scheduler, denoise=1.0,
-           add_noise=True, start_step=None, last_step=None, force_full_denoise=False, noise_kind="cpu",
-           noise_source=None, callback=None, model_sampling=None, scaling_factor=0.18215, sigmas=None,
-           sampler_options=None):
-    """Run one KSampler(Advanced) pass. Returns a new LATENT dict (unscaled samples, float32, CPU).
+class Prepared(NamedTuple):
+    """Everything a sampler function needs: denoiser(x, sigma) -> x0, the noisy start, the schedule, the
+    step-noise source (None for deterministic samplers)."""
+    denoiser: Callable
+    x: torch.Tensor
+    sigmas: torch.Tensor
+    noise_source: Optional[Callable]
 
-    unet: UNetModel (or any module with forward(x, timesteps, context) and .config.context_dim / in_channels).
-    latent: {"samples": [B, 4, h, w] unscaled, "noise_mask"?: [B|1, H, W], "batch_index"?: list[int]}.
-    noise_kind: step noise of ancestral / SDE samplers: "cpu" (default; the same image on any device, and
-        exactly ComfyUI's result on a CPU) or "device" (ComfyUI's behaviour on a GPU).
-    noise_source: optional explicit step-noise callable (overrides noise_kind; share it to split a run).
-    callback(step, x, denoised): per step; raise from it to cancel.
-    sigmas: explicit SIGMAS (SamplerCustom); then steps/scheduler/denoise only get validated.
-    """
-    # ---- refuse bad values before any UNet call
-    validate_steps(steps)
-    cfg_f = float(cfg)
-    if not math.isfinite(cfg_f) or cfg_f < 0:
-        raise ValueError(f"cfg must be a finite number >= 0, got {cfg!r}")
-    denoise = validate_denoise(denoise)
-    S.get_sampler(sampler_name)
-    if scheduler not in SCHEDULER_NAMES:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {SCHEDULER_NAMES}")
-    if noise_kind not in NOISE_KINDS:
-        raise ValueError(f"noise_kind must be one of {NOISE_KINDS}, got {noise_kind!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
-        raise ValueError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
-    start_step, last_step = _check_step(start_step, "start_step"), _check_step(last_step, "last_step")
-    if not isinstance(latent, dict) or "samples" not in latent:
-        raise ValueError("latent must be a LATENT dict with 'samples'")
+
+def prepare(model, positive, negative, latent: dict, request: SampleRequest, sigmas, noise_source=None) -> Prepared:
+    """Noise, device, latent scale, inpainting inputs and the step-noise policy for one pass (ComfyUI's order)."""
+    r = request
     latent_image = latent["samples"]
-    if latent_image.ndim != 4:
-        raise ValueError(f"latent samples must be [B, C, h, w], got shape {tuple(latent_image.shape)}")
-    _check_finite(latent_image, "latent samples")
-    noise_mask = latent.get("noise_mask")
-    if noise_mask is not None:
-        _check_finite(noise_mask, "noise_mask")
-    in_ch = getattr(getattr(unet, "config", None), "in_channels", None)
-    if in_ch is not None and in_ch not in (latent_image.shape[1], latent_image.shape[1] + 5):
-        raise ValueError(f"latent has {latent_image.shape[1]} channels but the UNet takes {in_ch}")
-    ms = model_sampling or ModelSampling()
-    guider = CFGDenoiser(unet, positive, negative, cfg_f, latent_image.shape, ms)  # validates the conditioning
-
-    # ---- noise and schedule (ComfyUI's order)
-    if add_noise:
-        noise = prepare_noise(latent_image, seed, latent.get("batch_index"))
+    if r.add_noise:
+        noise = prepare_noise(latent_image, r.seed, latent.get("batch_index"))
     else:
         noise = torch.zeros(latent_image.shape, dtype=latent_image.dtype)
-    if sigmas is not None:
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float32).clone()
-        _check_finite(sigmas, "sigmas")
-    sigmas = plan_sigmas(scheduler, sampler_name, steps, denoise, start_step, last_step, force_full_denoise, ms,
-                         sigmas)
-    if len(sigmas) == 0:  # denoise 0, or start_step at or past the end
-        return {**latent, "samples": latent_image.clone()}
-
-    # ---- to the UNet's device, latent scaled
-    device = next(unet.parameters()).device if isinstance(unet, torch.nn.Module) else torch.device("cpu")
-    x_latent = latent_image.to(device, torch.float32) * scaling_factor
+    device = model.device
+    x_latent = latent_image.to(device, torch.float32) * model.scaling_factor
     noise = noise.to(device, torch.float32)
     sigmas = sigmas.to(device)
+    noise_mask = latent.get("noise_mask")
     mask = prepare_mask(noise_mask, x_latent.shape).to(device) if noise_mask is not None else None
-    if in_ch is not None and in_ch == x_latent.shape[1] + 5:
-        guider.concat = inpaint_concat(x_latent, mask)
+    guider = guided_denoiser(model, positive, negative, r.cfg, x_latent, mask)
     blend_noise = noise
-    if mask is not None and sampler_name in S.INPAINT_RANDOM_NOISE_SAMPLERS:
-        g = torch.Generator(device="cpu")
-        g.manual_seed((seed + 1) % 2 ** 64)
-        blend_noise = torch.randn(noise.shape, generator=g, device="cpu").to(device, noise.dtype)
+    if mask is not None and r.sampler_name in samplers.INPAINT_RANDOM_NOISE_SAMPLERS:
+        blend_noise = CPUNoise(noise, r.seed)()  # fresh noise, seed + 1 on the CPU
     denoiser = InpaintDenoiser(guider, x_latent, mask, blend_noise)
 
+    ms = model.sampling
     x = ms.noise_scaling(sigmas[0], noise, x_latent, ms.is_max_denoise(sigmas))
-    if noise_source is None and S.needs_noise(sampler_name):
+    if noise_source is None and samplers.needs_noise(r.sampler_name):
         # "cpu": every generator and Brownian tree on the CPU. "device": ComfyUI's choice, i.e. generators on
         # the device, trees on the CPU for dpmpp_sde / dpmpp_2m_sde / dpmpp_3m_sde and on the device for *_gpu.
-        cpu_tree = S.BROWNIAN_SAMPLERS.get(sampler_name)
-        kind = noise_kind
-        if cpu_tree is not None and noise_kind == "device":
+        cpu_tree = samplers.BROWNIAN_SAMPLERS.get(r.sampler_name)
+        kind = r.noise_kind
+        if cpu_tree is not None and r.noise_kind == "device":
             kind = "cpu" if cpu_tree else "device"
-        noise_source = make_noise_source(kind, x, seed, sigmas, brownian=cpu_tree is not None)
-    out = S.get_sampler(sampler_name)(denoiser, x, sigmas, noise_source, callback, **(sampler_options or {}))
-    return {**latent, "samples": (out / scaling_factor).float().cpu()}
+        noise_source = make_noise_source(kind, x, r.seed, sigmas, brownian=cpu_tree is not None)
+    return Prepared(denoiser, x, sigmas, noise_source)
 
 
-def sample_advanced(unet, positive, negative, latent, *, add_noise=True, noise_seed, steps, cfg, sampler_name,
-                    scheduler, start_at_step=0, end_at_step=10000, return_with_leftover_noise=False, **kw):
-    """KSamplerAdvanced's inputs and semantics."""
-    return sample(unet, positive, negative, latent, seed=noise_seed, steps=steps, cfg=cfg,
-                  sampler_name=sampler_name, scheduler=scheduler, add_noise=add_noise, start_step=start_at_step,
-                  last_step=end_at_step, force_full_denoise=not return_with_leftover_noise, **kw)
+def sample(model, positive, negative, latent: dict, request: SampleRequest, *, noise_source=None,
+           callback=None) -> dict:
+    """Run one KSampler(Advanced) pass of `model` (a DiffusionModel). Returns a new LATENT dict (unscaled samples,
+    float32, CPU).
+
+    latent: {"samples": [B, C, h, w] unscaled, "noise_mask"?: [B|1, H, W], "batch_index"?: list[int]}.
+    noise_source: optional explicit step-noise callable (overrides request.noise_kind; share it to split a run).
+    callback(step, x, denoised): per step; raise from it to cancel.
+    Every value is checked before any UNet call (ParamError naming it).
+    """
+    request = check_request(request)
+    latent_image = check_latent(model, latent)
+    check_conditioning(positive, model, "positive")
+    check_conditioning(negative, model, "negative")
+    sigmas = plan_sigmas(model.sampling, request)
+    if len(sigmas) == 0:  # denoise 0, or start_step at or past the end
+        return {**latent, "samples": latent_image.clone()}
+    p = prepare(model, positive, negative, latent, request, sigmas, noise_source)
+    sampler = samplers.get_sampler(request.sampler_name)
+    out = sampler(p.denoiser, p.x, p.sigmas, p.noise_source, callback, **request.sampler_options)
+    return {**latent, "samples": (out / model.scaling_factor).float().cpu()}
+
+
+def sample_advanced(model, positive, negative, latent, *, noise_source=None, callback=None, **kw):
+    """KSamplerAdvanced's inputs and semantics (keyword arguments of SampleRequest.advanced)."""
+    return sample(model, positive, negative, latent, SampleRequest.advanced(**kw), noise_source=noise_source,
+                  callback=callback)
 
 
 # ---- high-level helpers ---------------------------------------------------------------------------------
-def _encode(model, tokenizer, text, clip_skip):
-    from .conditioning import encode_prompt
-
-    return encode_prompt(model.clip, tokenizer, text, clip_skip=clip_skip)
-
-
-def _to_image(model, latent):
-    vae = model.vae
-    with torch.no_grad():
-        p = next(vae.parameters())
-        img = vae.decode(latent["samples"].to(p.device, p.dtype)).float()
-    return ((img + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()  # (B, 3, H, W) -> (B, H, W, 3) in 0..1
-
-
-def _to_latent(model, image):
-    vae = model.vae
-    p = next(vae.parameters())
-    with torch.no_grad():
-        x = image.permute(0, 3, 1, 2).to(p.device, p.dtype) * 2 - 1  # (B, H, W, 3) 0..1 -> (B, 3, H, W) -1..1
-        return vae.encode(x).mode().float().cpu()
-
-
-def _run(model, tokenizer, prompt, negative, latent, clip_skip, **kw):
-    pos = _encode(model, tokenizer, prompt, clip_skip)
-    neg = _encode(model, tokenizer, negative, clip_skip)
-    scale = getattr(getattr(model.config, "vae", None), "scaling_factor", 0.18215)
-    out = sample(model.unet, pos, neg, latent, scaling_factor=scale, **kw)
-    return _to_image(model, out)
+def _run(model, tokenizer, prompt, negative, latent, clip_skip, request: SampleRequest):
+    """model: a StableDiffusion with its family; encode both prompts, sample, decode."""
+    layer = model.family.text[0].default_layer if clip_skip is None else clip_skip
+    pos = encode_prompt(model.clip, tokenizer, prompt, clip_skip=layer)
+    neg = encode_prompt(model.clip, tokenizer, negative, clip_skip=layer)
+    out = sample(DiffusionModel.from_checkpoint(model), pos, neg, latent, request)
+    return decode_latent(model.vae, out["samples"])
 
 
 def txt2img(model, tokenizer, prompt, negative="", *, width=512, height=512, batch_size=1, seed=0, steps=20,
-            cfg=8.0, sampler_name="euler", scheduler="normal", clip_skip=-1, **kw):
-    """Text to IMAGE [B, H, W, 3] (0..1) with a StableDiffusion model."""
-    vcfg = model.config.vae
-    f = 2 ** (len(vcfg.channel_mult) - 1)  # 8 for SD 1.x
-    latent = {"samples": torch.zeros(batch_size, vcfg.latent_channels, height // f, width // f)}
-    return _run(model, tokenizer, prompt, negative, latent, clip_skip, seed=seed, steps=steps, cfg=cfg,
-                sampler_name=sampler_name, scheduler=scheduler, **kw)
+            cfg=8.0, sampler_name="euler", scheduler="normal", clip_skip=None, **kw):
+    """Text to IMAGE [B, H, W, 3] (0..1) with a StableDiffusion model. clip_skip None: the family's layer.
+    **kw: further SampleRequest fields."""
+    f = downscale(model.vae)  # 8 for SD
+    latent = {"samples": torch.zeros(batch_size, model.config.vae.latent_channels, height // f, width // f)}
+    request = SampleRequest(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, **kw)
+    return _run(model, tokenizer, prompt, negative, latent, clip_skip, request)
 
 
 def img2img(model, tokenizer, image, prompt, negative="", *, denoise=0.75, seed=0, steps=20, cfg=8.0,
-            sampler_name="euler", scheduler="normal", clip_skip=-1, **kw):
+            sampler_name="euler", scheduler="normal", clip_skip=None, **kw):
     """IMAGE [B, H, W, 3] (0..1) -> IMAGE, re-noised to `denoise` and sampled back."""
-    latent = {"samples": _to_latent(model, image)}
-    return _run(model, tokenizer, prompt, negative, latent, clip_skip, seed=seed, steps=steps, cfg=cfg,
-                sampler_name=sampler_name, scheduler=scheduler, denoise=denoise, **kw)
+    latent = {"samples": encode_pixels(model.vae, image)}
+    request = SampleRequest(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                            denoise=denoise, **kw)
+    return _run(model, tokenizer, prompt, negative, latent, clip_skip, request)
 
 
 def inpaint(model, tokenizer, image, mask, prompt, negative="", *, denoise=1.0, grow_mask_by=6, seed=0, steps=20,
-            cfg=8.0, sampler_name="euler", scheduler="normal", clip_skip=-1, **kw):
+            cfg=8.0, sampler_name="euler", scheduler="normal", clip_skip=None, **kw):
     """Repaint where mask [B|1, H, W] is 1. 4-channel models: encode the image, sample with a noise_mask.
-    9-channel inpainting models: the masked pixels are set to grey before encoding (ComfyUI's
-    VAEEncodeForInpaint) and the mask is grown by `grow_mask_by` pixels."""
-    mask = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float()
-    mask = F.interpolate(mask, size=image.shape[1:3], mode="bilinear")
-    if model.config.unet.in_channels == 9:
-        keep = (1.0 - mask.round()).squeeze(1).unsqueeze(-1)  # (B, H, W, 1)
-        image = (image - 0.5) * keep + 0.5
-        if grow_mask_by:
-            kernel = torch.ones(1, 1, grow_mask_by, grow_mask_by)
-            mask = F.conv2d(mask.round(), kernel, padding=math.ceil((grow_mask_by - 1) / 2)).clamp(0, 1)
-            mask = mask[:, :, :image.shape[1], :image.shape[2]]
-        mask = mask.round()
-    latent = {"samples": _to_latent(model, image), "noise_mask": mask.squeeze(1)}
-    return _run(model, tokenizer, prompt, negative, latent, clip_skip, seed=seed, steps=steps, cfg=cfg,
-                sampler_name=sampler_name, scheduler=scheduler, denoise=denoise, **kw)
+    9-channel inpainting models: the image goes through `pixels.prepare_inpaint` (ComfyUI's
+    VAEEncodeForInpaint: masked pixels grey, mask grown by `grow_mask_by` pixels)."""
+    if model.family.is_inpaint:
+        image, noise_mask = prepare_inpaint(image, mask, downscale(model.vae), grow_mask_by)
+    else:
+        noise_mask = F.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(), size=image.shape[1:3],
+                                   mode="bilinear")
+    latent = {"samples": encode_pixels(model.vae, image), "noise_mask": noise_mask.squeeze(1)}
+    request = SampleRequest(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                            denoise=denoise, **kw)
+    return _run(model, tokenizer, prompt, negative, latent, clip_skip, request)

@@ -1,4 +1,4 @@
-"""SD 1.x discrete noise schedule (k-diffusion form) and ComfyUI's named schedulers.
+"""Discrete DDPM noise schedules (k-diffusion form) and ComfyUI's named schedulers.
 
 A latent at noise level sigma is `x = x0 + sigma * eps` (the "k-diffusion" variable). The UNet was trained on
 `x / sqrt(sigma^2 + 1)` at an integer timestep t in 0..999; `ModelSampling` converts between the two.
@@ -8,28 +8,56 @@ Scheduler names and arrays follow ComfyUI's KSampler (`normal`, `karras`, `expon
 ending with 0 (see `get_sigmas` for `denoise`).
 """
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .errors import ParamError
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A discrete DDPM training schedule: `timesteps` "scaled linear" betas from linear_start to linear_end
+    (SD 1.x and 2.x: 1000, 0.00085, 0.012)."""
+    timesteps: int
+    linear_start: float
+    linear_end: float
+
+    def betas(self) -> torch.Tensor:
+        """float64 [timesteps]: linspace(sqrt(start), sqrt(end))^2."""
+        return torch.linspace(self.linear_start ** 0.5, self.linear_end ** 0.5, self.timesteps,
+                              dtype=torch.float64) ** 2
+
+
+PREDICTIONS = ("eps", "v")
+
 
 class ModelSampling:
-    """The SD 1.x training schedule: 1000 steps, "scaled linear" betas, eps (or v) prediction.
+    """A family's training schedule with its prediction type ("eps" or "v"); `ModelFamily.model_sampling()`
+    builds it. sigmas[t] = sqrt((1 - acp_t) / acp_t), ascending with t (SD 1.x: 0.0292 .. 14.61).
 
-    sigmas[t] = sqrt((1 - acp_t) / acp_t), ascending with t (0.0292 .. 14.61).
+    zsnr: zero terminal SNR (Lin et al. 2023), applied as ComfyUI does to the float64 sigmas before the
+    float32 tables are made: sqrt(alphas_bar) shifted so its last value is 0 and scaled so its first is
+    unchanged; the last alphas_bar is then set to 4.8973451890853435e-08 so the largest sigma stays finite
+    (about 4517).
     """
 
-    def __init__(self, timesteps=1000, linear_start=0.00085, linear_end=0.012, prediction="eps"):
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
-        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
-        acp = torch.cumprod(1.0 - betas, dim=0)
+    def __init__(self, schedule: Schedule, prediction: str, zsnr: bool = False):
+        if prediction not in PREDICTIONS:
+            raise ParamError("prediction", f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.schedule, self.prediction, self.zsnr = schedule, prediction, bool(zsnr)
+        acp = torch.cumprod(1.0 - schedule.betas(), dim=0)
         sigmas = ((1 - acp) / acp) ** 0.5  # float64, log taken before the cast (as ComfyUI does)
+        if zsnr:
+            sigmas = zero_terminal_snr(sigmas)
         self.sigmas = sigmas.float()
         self.log_sigmas = sigmas.log().float()
         self._log_sigmas_by_device = {self.log_sigmas.device: self.log_sigmas}
-        self.prediction = prediction
         self.sigma_data = 1.0
+
+    def __repr__(self) -> str:
+        return f"ModelSampling({self.prediction}{', zsnr' if self.zsnr else ''}, {len(self.sigmas)} steps)"
 
     @property
     def sigma_min(self):
@@ -103,6 +131,16 @@ class ModelSampling:
         return math.isclose(smax, s0, rel_tol=1e-05) or s0 > smax
 
 
+def zero_terminal_snr(sigmas: torch.Tensor) -> torch.Tensor:
+    """Sigmas rescaled to zero terminal SNR (the last alphas_bar clamped to 4.8973451890853435e-08)."""
+    alphas_bar_sqrt = (1.0 / (sigmas * sigmas + 1.0)).sqrt()  # sqrt(alphas_bar), descending with t
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))  # last -> 0, first unchanged
+    alphas_bar = alphas_bar_sqrt ** 2
+    alphas_bar[-1] = 4.8973451890853435e-08
+    return ((1.0 - alphas_bar) / alphas_bar) ** 0.5
+
+
 def _bcast(sigma, x):
     sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
     return sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1)) if sigma.ndim else sigma
@@ -111,15 +149,39 @@ def _bcast(sigma, x):
 class ModelDenoiser:
     """Wraps a network `model(x_in, t[B], **cond) -> eps | v` into `denoiser(x, sigma[B], **cond) -> x0`."""
 
-    def __init__(self, model, model_sampling=None):
+    def __init__(self, model, model_sampling: ModelSampling):
         self.model = model
-        self.model_sampling = model_sampling or ModelSampling()
+        self.model_sampling = model_sampling
 
     def __call__(self, x, sigma, **cond):
         ms = self.model_sampling
         t = ms.timestep(sigma).to(x.device, torch.float32)
         out = self.model(ms.calculate_input(sigma, x), t, **cond)
         return ms.calculate_denoised(sigma, out.to(x.dtype), x)
+
+
+def schedule_buffers(schedule: Schedule) -> dict:
+    """The 12 DDPM buffers the LDM class stores in single-file checkpoints (computed in float64, stored float32)."""
+    betas = schedule.betas()
+    alphas = 1.0 - betas
+    acp = torch.cumprod(alphas, 0)
+    acp_prev = torch.cat([acp.new_ones(1), acp[:-1]])
+    posterior_variance = betas * (1.0 - acp_prev) / (1.0 - acp)
+    buffers = {
+        "betas": betas,
+        "alphas_cumprod": acp,
+        "alphas_cumprod_prev": acp_prev,
+        "sqrt_alphas_cumprod": acp.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - acp).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - acp).log(),
+        "sqrt_recip_alphas_cumprod": (1.0 / acp).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / acp - 1).sqrt(),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * acp_prev.sqrt() / (1.0 - acp),
+        "posterior_mean_coef2": (1.0 - acp_prev) * alphas.sqrt() / (1.0 - acp),
+    }
+    return {k: v.to(torch.float32) for k, v in buffers.items()}
 
 
 # --- schedulers (ComfyUI's published formulas) -----------------------------------------------------------
@@ -212,8 +274,7 @@ SCHEDULER_NAMES = list(SCHEDULERS)
 def calculate_sigmas(name, model_sampling, steps, discard_penultimate=False):
     """The full schedule for `steps` steps. discard_penultimate (ComfyUI does it for dpm_2, dpm_2_ancestral,
     uni_pc): build steps + 1 and drop the second-to-last sigma."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {SCHEDULER_NAMES}")
+    check_scheduler(name)
     if discard_penultimate:
         s = SCHEDULERS[name](model_sampling, steps + 1)
         return torch.cat([s[:-2], s[-1:]])
@@ -225,8 +286,7 @@ def get_sigmas(name, model_sampling, steps, denoise=1.0, discard_penultimate=Fal
     int(steps / denoise) steps and its last steps + 1 sigmas are kept; denoise 0 gives an empty tensor."""
     validate_steps(steps)
     denoise = validate_denoise(denoise)
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {SCHEDULER_NAMES}")
+    check_scheduler(name)
     if denoise > 0.9999:
         return calculate_sigmas(name, model_sampling, steps, discard_penultimate)
     if denoise <= 0.0:
@@ -235,16 +295,34 @@ def get_sigmas(name, model_sampling, steps, denoise=1.0, discard_penultimate=Fal
     return full[-(steps + 1):]
 
 
+def check_scheduler(name):
+    if name not in SCHEDULERS:
+        raise ParamError("scheduler", f"unknown scheduler {name!r}; choose one of {SCHEDULER_NAMES}")
+
+
 def validate_steps(steps):
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        raise ParamError("steps", f"steps must be an integer >= 1, got {steps!r}")
 
 
 def validate_denoise(denoise):
-    d = float(denoise)
+    try:
+        d = float(denoise)
+    except (TypeError, ValueError):
+        d = float("nan")
     if not (0.0 <= d <= 1.0):  # also refuses NaN
-        raise ValueError(f"denoise must be a number in 0..1, got {denoise!r}")
+        raise ParamError("denoise", f"denoise must be a number in 0..1, got {denoise!r}")
     return d
+
+
+def check_sigmas(sigmas, name="sigmas") -> torch.Tensor:
+    """SIGMAS: a finite, descending 1-D tensor (float32 copy); ParamError(name) otherwise."""
+    if not torch.is_tensor(sigmas) or sigmas.ndim != 1:
+        raise ParamError(name, f"expected SIGMAS (a 1-D tensor), got {getattr(sigmas, 'shape', type(sigmas).__name__)}")
+    sigmas = sigmas.detach().to(torch.float32).clone()
+    if len(sigmas) and (not torch.isfinite(sigmas).all() or (sigmas[1:] > sigmas[:-1]).any()):
+        raise ParamError(name, "must be finite and descending")
+    return sigmas
 
 
 # --- the inverse of the regularized incomplete beta function (no scipy at runtime) -------------------------

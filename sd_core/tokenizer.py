@@ -257,10 +257,12 @@ class CLIPTokenizer:
     `vocab`: a path accepted by `read_vocabulary`, or None to search with `find_vocabulary(model_dir=...)`.
     `clean`: "comfyui" (ComfyUI 0.8 = slow transformers 4.x tokenizer without ftfy) or "transformers"
     (transformers 5.x fast tokenizer); see the module docstring. `html_unescape`: OpenAI's entity clean-up.
+    `pad_id`: the padding id of the model family's text recipe (`TextRecipe.pad_id`); None pads with the end
+    token, as CLIP ViT-L / SD 1.x (SD 2.x's OpenCLIP pads with 0).
     """
 
     def __init__(self, vocab: Optional[PathLike] = None, *, model_dir: Optional[PathLike] = None,
-                 clean: str = "comfyui", html_unescape: bool = False):
+                 clean: str = "comfyui", html_unescape: bool = False, pad_id: Optional[int] = None):
         from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
         from tokenizers.models import BPE
 
@@ -292,7 +294,7 @@ class CLIPTokenizer:
         self._id_to_token = {i: t for t, i in self.vocab.items()}
         self.bos_id = self.vocab[BOS_TEXT]
         self.eos_id = self.vocab[EOS_TEXT]
-        self.pad_id = self.eos_id  # SD 1.x pads with the end token
+        self.pad_id = self.eos_id if pad_id is None else int(pad_id)
         self._special_ids = {BOS_TEXT: self.bos_id, EOS_TEXT: self.eos_id}
         self.vocab_size = len(self.vocab)
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from . import toy_data
 from .clip import CLIPTextConfig, CLIPTextModel
 from .checkpoint import save_checkpoint
+from .family import SD1
 from .model import SDConfig, StableDiffusion
 from .tokenizer import CLIPTokenizer, byte_table, vocab_from_merges
 from .unet import UNetConfig, UNetModel
@@ -281,7 +282,7 @@ def train_diffusion(cfg: SDConfig, tok: GrammarTokenizer, data: dict, work: Path
 # ----------------------------------------------------------------------------- stage 5: export
 
 def export(cfg: SDConfig, vae, clip, unet, tok_dir: Path, out: Path) -> Path:
-    model = StableDiffusion(cfg)
+    model = StableDiffusion(cfg, SD1)
     model.vae.load_state_dict(vae.state_dict())
     model.clip.load_state_dict(clip.state_dict())
     model.unet.load_state_dict(unet.state_dict())

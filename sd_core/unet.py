@@ -1,10 +1,18 @@
-"""SD 1.x UNet (eps prediction) with its timestep embedding.
+"""The LDM UNet of SD 1.x / 2.x with its timestep embedding; the families differ only in `UNetConfig`.
 
 Attribute names follow the original LDM checkpoint (`input_blocks.1.1.transformer_blocks.0.attn1.to_q`, ...).
-Every block takes `(x, emb, context)` so a UNet stage is a plain sequence of blocks.
+Every block takes `(x, emb, context)` so a UNet stage is a plain sequence of blocks. The network predicts
+whatever it was trained on (eps or v); `ModelSampling` interprets the output.
+
+Config deltas between the families (SD 1.x -> SD 2.x): `context_dim` 768 -> 1024, `num_heads` 8 -> `head_dim` 64,
+`use_linear_proj` (the spatial transformers' proj_in / proj_out are linear layers, not 1x1 convs) and
+`attention_fp32` (attention computed in float32 whatever the weights' dtype). `transformer_depth` may be one
+depth for every attention level or one per level (SDXL: 0, 2, 10), `transformer_depth_middle` the middle
+block's (None: the deepest level's).
 """
 import math
 from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -22,10 +30,26 @@ class UNetConfig:
     channel_mult: tuple = (1, 2, 4, 4)
     num_res_blocks: int = 2
     attention_levels: tuple = (0, 1, 2)  # levels with a spatial transformer; the middle block always has one
-    num_heads: int = 8
-    transformer_depth: int = 1
+    num_heads: int = 8  # heads per attention layer, unless head_dim is set
+    transformer_depth: Union[int, tuple] = 1  # one depth for all levels, or one per level
     context_dim: int = 768
     norm_groups: int = 32
+    head_dim: Optional[int] = None  # SD 2.x: 64 channels per head (heads = channels / head_dim)
+    use_linear_proj: bool = False  # SD 2.x: linear proj_in / proj_out
+    attention_fp32: bool = False  # SD 2.x: attention in float32 (fp16 overflows)
+    transformer_depth_middle: Optional[int] = None  # None: the depth of the last attention level
+
+    def heads(self, channels: int) -> int:
+        return channels // self.head_dim if self.head_dim else self.num_heads
+
+    def depth(self, level: int) -> int:
+        d = self.transformer_depth
+        return d[level] if isinstance(d, tuple) else d
+
+    def middle_depth(self) -> int:
+        if self.transformer_depth_middle is not None:
+            return self.transformer_depth_middle
+        return self.depth(max(self.attention_levels)) if self.attention_levels else self.depth(0)
 
     @classmethod
     def tiny(cls, **kw) -> "UNetConfig":
@@ -71,9 +95,9 @@ class ResBlock(nn.Module):
 class CrossAttention(nn.Module):
     """Self attention when context is None, else queries from x and keys/values from context."""
 
-    def __init__(self, dim: int, context_dim: int, heads: int):
+    def __init__(self, dim: int, context_dim: int, heads: int, fp32: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.fp32 = heads, fp32
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
@@ -82,7 +106,7 @@ class CrossAttention(nn.Module):
     def forward(self, x, context=None):
         context = x if context is None else context  # (B, Lk, Dc)
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, Lq, D), 2 x (B, Lk, D)
-        return self.to_out(attention(q, k, v, self.heads))  # (B, Lq, D)
+        return self.to_out(attention(q, k, v, self.heads, upcast=self.fp32))  # (B, Lq, D)
 
 
 class GEGLU(nn.Module):
@@ -105,11 +129,11 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    def __init__(self, dim: int, context_dim: int, heads: int):
+    def __init__(self, dim: int, context_dim: int, heads: int, fp32: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads)  # self attention
+        self.attn1 = CrossAttention(dim, dim, heads, fp32)  # self attention
         self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads)  # cross attention on the text
+        self.attn2 = CrossAttention(dim, context_dim, heads, fp32)  # cross attention on the text
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -122,22 +146,31 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, cfg: UNetConfig, channels: int):
+    def __init__(self, cfg: UNetConfig, channels: int, depth: int):
         super().__init__()
+        self.linear = cfg.use_linear_proj
         self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, cfg.context_dim, cfg.num_heads)
-                                                 for _ in range(cfg.transformer_depth)])
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        proj = nn.Linear if self.linear else lambda c_in, c_out: nn.Conv2d(c_in, c_out, 1)
+        self.proj_in = proj(channels, channels)
+        self.transformer_blocks = nn.ModuleList([
+            BasicTransformerBlock(channels, cfg.context_dim, cfg.heads(channels), cfg.attention_fp32)
+            for _ in range(depth)])
+        self.proj_out = proj(channels, channels)
 
     def forward(self, x, emb=None, context=None):
         B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x))  # (B, C, H, W)
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)  # 1x1 conv: (B, C, H, W)
         h = h.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        if self.linear:
+            h = self.proj_in(h)  # (B, HW, C)
         for block in self.transformer_blocks:
             h = block(h, context)  # (B, HW, C)
+        if self.linear:
+            h = self.proj_out(h)  # (B, HW, C)
         h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, HW, C) -> (B, C, H, W)
-        return x + self.proj_out(h)
+        return x + (h if self.linear else self.proj_out(h))
 
 
 class Downsample(nn.Module):
@@ -185,14 +218,14 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(cfg, ch, c, emb_dim)]
                 ch = c
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(cfg, ch))
+                    layers.append(SpatialTransformer(cfg, ch, cfg.depth(level)))
                 self.input_blocks.append(UNetBlock(*layers))
                 skips.append(ch)
             if level < len(chans) - 1:
                 self.input_blocks.append(UNetBlock(Downsample(ch)))
                 skips.append(ch)
 
-        self.middle_block = UNetBlock(ResBlock(cfg, ch, ch, emb_dim), SpatialTransformer(cfg, ch),
+        self.middle_block = UNetBlock(ResBlock(cfg, ch, ch, emb_dim), SpatialTransformer(cfg, ch, cfg.middle_depth()),
                                       ResBlock(cfg, ch, ch, emb_dim))
 
         # up path: num_res_blocks + 1 blocks per level, each concatenating one skip connection
@@ -202,7 +235,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(cfg, ch + skips.pop(), c, emb_dim)]
                 ch = c
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(cfg, ch))
+                    layers.append(SpatialTransformer(cfg, ch, cfg.depth(level)))
                 if level > 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(UNetBlock(*layers))

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from glass_diffusion.sd_core.model import SDConfig, StableDiffusion
+from glass_diffusion.sd_core.family import SD1, SD1_INPAINT
 
 DATA = Path(__file__).parent / "data"
 
@@ -13,7 +14,7 @@ DATA = Path(__file__).parent / "data"
 def tiny_model(seed: int = 0, inpainting: bool = False) -> StableDiffusion:
     """A tiny StableDiffusion whose every float tensor (norms included) is random, so copies are checkable."""
     torch.manual_seed(seed)
-    model = StableDiffusion(SDConfig.tiny(inpainting=inpainting))
+    model = StableDiffusion(SDConfig.tiny(inpainting=inpainting), SD1_INPAINT if inpainting else SD1)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.5)

@@ -17,6 +17,7 @@ from glass_diffusion.nodes.example_workflows import CHECKPOINT, INPAINT_CHECKPOI
 from glass_diffusion.sd_core.checkpoint import save_checkpoint
 from glass_diffusion.sd_core.model import SDConfig, StableDiffusion
 from glass_diffusion.sd_core.tokenizer import read_vocabulary, vocab_from_merges
+from glass_diffusion.sd_core.family import SD1, SD1_INPAINT
 
 DATA = Path(__file__).parent / "data"
 SMALL_BPE = DATA / "text_small_bpe.txt"
@@ -28,7 +29,7 @@ VAE_FILE = "tiny_vae.safetensors"
 def tiny_sd(seed: int, inpainting: bool = False) -> StableDiffusion:
     """A tiny model with small random weights everywhere (zero-initialised layers too), so outputs vary."""
     torch.manual_seed(seed)
-    model = StableDiffusion(SDConfig.tiny(inpainting=inpainting))
+    model = StableDiffusion(SDConfig.tiny(inpainting=inpainting), SD1_INPAINT if inpainting else SD1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)

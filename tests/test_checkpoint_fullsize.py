@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from glass_diffusion.sd_core.checkpoint import save_checkpoint
 from glass_diffusion.sd_core.model import SDConfig, StableDiffusion
+from glass_diffusion.sd_core.family import SD1
 
 from _ckpt_util import fullsize_lock, read_tsv
 
@@ -24,7 +25,7 @@ def sd15_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("fullsize") / "sd15_random.safetensors"
     with fullsize_lock():
         with torch.device("meta"):
-            model = StableDiffusion(SDConfig.sd15())
+            model = StableDiffusion(SDConfig.sd15(), SD1)
         model = model.half().to_empty(device="cpu")  # 2.1 GB, never an fp32 copy
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():

@@ -5,6 +5,7 @@ import torch
 from glass_diffusion.sd_core.checkpoint import SCHEDULE_KEYS, load_checkpoint, load_vae, schedule_buffers
 from glass_diffusion.sd_core.model import SDConfig
 from glass_diffusion.sd_core.vae import AutoencoderKL
+from glass_diffusion.sd_core.family import SD1
 
 from _ckpt_util import tiny_state, write
 
@@ -60,7 +61,7 @@ def ema_copies(state: dict) -> dict:
 
 def test_full_file_with_ema_and_schedule_buffers(tmp_path):
     state = tiny_state(seed=14)
-    full = {**state, **ema_copies(state), **schedule_buffers()}
+    full = {**state, **ema_copies(state), **schedule_buffers(SD1.schedule)}
     assert "model_ema.diffusion_modelinput_blocks00weight" in full
     loaded = load_checkpoint(write(tmp_path / "full.safetensors", full))
     assert_loaded(loaded, state)  # the non-EMA weights, the EMA copies differ by +1
@@ -68,7 +69,7 @@ def test_full_file_with_ema_and_schedule_buffers(tmp_path):
 
 def test_ckpt_with_state_dict_and_global_step(tmp_path):
     state = tiny_state(seed=15)
-    full = {**state, **ema_copies(state), **schedule_buffers()}
+    full = {**state, **ema_copies(state), **schedule_buffers(SD1.schedule)}
     path = write(tmp_path / "v1.ckpt", full, wrap=True)
     assert set(torch.load(path, weights_only=True)) == {"state_dict", "global_step", "epoch"}
     assert_loaded(load_checkpoint(path), state)
@@ -79,7 +80,7 @@ def test_mixed_quirks_in_one_fp16_ckpt(tmp_path):
     state = tiny_state(seed=16)
     quirky = {k.replace("transformer.text_model.", "transformer."): v.half() if v.is_floating_point() else v.float()
               for k, v in state.items()}
-    quirky.update(ema_copies(state), **schedule_buffers())
+    quirky.update(ema_copies(state), **schedule_buffers(SD1.schedule))
     loaded = load_checkpoint(write(tmp_path / "quirky.ckpt", quirky, wrap=True), dtype=torch.float32)
     assert_loaded(loaded, {k: v.half().float() if v.is_floating_point() else v for k, v in state.items()})
 
@@ -87,7 +88,7 @@ def test_mixed_quirks_in_one_fp16_ckpt(tmp_path):
 def test_ignored_keys_do_not_change_the_inferred_config(tmp_path):
     state = tiny_state(seed=17)
     a = load_checkpoint(write(tmp_path / "a.safetensors", state))
-    b = load_checkpoint(write(tmp_path / "b.safetensors", {**state, **ema_copies(state), **schedule_buffers()}))
+    b = load_checkpoint(write(tmp_path / "b.safetensors", {**state, **ema_copies(state), **schedule_buffers(SD1.schedule)}))
     assert a.config == b.config
     assert not set(SCHEDULE_KEYS) & set(b.state_dict())
 
@@ -120,7 +121,7 @@ def test_standalone_vae(tmp_path, prefixed, with_loss, suffix):
 
 def test_vae_from_full_checkpoint_and_dtype(tmp_path):
     state = tiny_state(seed=21)
-    vae = load_vae(write(tmp_path / "full.safetensors", {**state, **schedule_buffers()}), dtype=torch.bfloat16)
+    vae = load_vae(write(tmp_path / "full.safetensors", {**state, **schedule_buffers(SD1.schedule)}), dtype=torch.bfloat16)
     assert_loaded(vae, {k[len(VAE):]: v.bfloat16() for k, v in state.items() if k.startswith(VAE)})
 
 

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from glass_diffusion.sd_core.checkpoint import (CONFIG_METADATA_KEY, SCHEDULE_KEYS, infer_config, load_checkpoint,
                                                save_checkpoint, schedule_buffers)
 from glass_diffusion.sd_core.model import SDConfig
+from glass_diffusion.sd_core.family import SD1
 
 from _ckpt_util import tiny_model, tiny_state, write
 
@@ -76,7 +77,7 @@ def test_file_layout(tmp_path):
 
 
 def test_schedule_buffers_match_the_sd1_schedule():
-    b = schedule_buffers()
+    b = schedule_buffers(SD1.schedule)
     assert set(b) == set(SCHEDULE_KEYS)
     assert all(v.shape == (1000,) and v.dtype == torch.float32 for v in b.values())
     # the LDM DDPM class's quantities, written out independently in float64 numpy
@@ -102,7 +103,7 @@ def test_schedule_buffers_match_the_sd1_schedule():
 def test_schedule_matches_diffusers_scaled_linear():
     from diffusers import DDPMScheduler
     ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    b = schedule_buffers()
+    b = schedule_buffers(SD1.schedule)
     assert torch.allclose(b["betas"], ref.betas.float(), rtol=1e-5)
     assert torch.allclose(b["alphas_cumprod"], ref.alphas_cumprod.float(), rtol=1e-4)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from glass_diffusion.sd_core.model import SDConfig, StableDiffusion
+from glass_diffusion.sd_core.family import SD1, SD1_INPAINT, family_of_config
 
 TSV = Path(__file__).parent / "data" / "sd15_checkpoint_keys.tsv"
 SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -26,7 +27,7 @@ def read_tsv():
 @pytest.fixture(scope="module")
 def meta_sd15():
     with torch.device("meta"):
-        return StableDiffusion(SDConfig.sd15())
+        return StableDiffusion(SDConfig.sd15(), SD1)
 
 
 def test_tsv_is_the_full_layout():
@@ -54,7 +55,7 @@ def test_sd15_parameter_counts(meta_sd15):
 
 def test_inpainting_unet_takes_nine_channels():
     with torch.device("meta"):
-        m = StableDiffusion(SDConfig.sd15(inpainting=True))
+        m = StableDiffusion(SDConfig.sd15(inpainting=True), SD1_INPAINT)
     assert tuple(m.state_dict()["model.diffusion_model.input_blocks.0.0.weight"].shape) == (320, 9, 3, 3)
 
 
@@ -67,10 +68,10 @@ def test_meta_build_then_assign_load_round_trips():
     """The checkpoint loader's path: build on meta, load_state_dict(assign=True), run."""
     cfg = SDConfig.tiny()
     torch.manual_seed(0)
-    real = StableDiffusion(cfg).eval()
+    real = StableDiffusion(cfg, family_of_config(cfg)).eval()
     sd = {k: v.clone() for k, v in real.state_dict().items()}
     with torch.device("meta"):
-        lazy = StableDiffusion(cfg)
+        lazy = StableDiffusion(cfg, family_of_config(cfg))
     lazy.load_state_dict(sd, assign=True)
     lazy.eval()
     assert not any(t.is_meta for t in list(lazy.parameters()) + list(lazy.buffers()))

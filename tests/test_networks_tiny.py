@@ -9,6 +9,7 @@ from glass_diffusion.sd_core.attention import attention
 from glass_diffusion.sd_core.clip import CLIPTextConfig, CLIPTextModel
 from glass_diffusion.sd_core.unet import UNetConfig, UNetModel, timestep_embedding
 from glass_diffusion.sd_core.vae import AutoencoderKL, VAEConfig
+from glass_diffusion.sd_core.family import SD1
 
 
 def naive_attention(q, k, v, heads, causal=False):
@@ -223,7 +224,7 @@ def test_norm_hyperparameters():
     LayerNorm eps 1e-5. (Too small a difference for the parity tolerance to see, so checked here.)"""
     from glass_diffusion.sd_core.model import SDConfig, StableDiffusion
     with torch.device("meta"):
-        m = StableDiffusion(SDConfig.sd15())
+        m = StableDiffusion(SDConfig.sd15(), SD1)
     eps = {}
     for name, mod in m.named_modules():
         if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)):

@@ -7,7 +7,9 @@ from _text_util import SMALL_BPE
 from glass_diffusion.sd_core.clip import CLIPTextConfig
 from glass_diffusion.sd_core.conditioning import encode_prompt
 from glass_diffusion.sd_core.model import SDConfig, StableDiffusion
-from glass_diffusion.sd_core.sampling import img2img, inpaint, sample, txt2img
+from glass_diffusion.sd_core.diffusion import DiffusionModel
+from glass_diffusion.sd_core.family import SD1, SD1_INPAINT
+from glass_diffusion.sd_core.sampling import SampleRequest, img2img, inpaint, sample, txt2img
 from glass_diffusion.sd_core.tokenizer import CLIPTokenizer
 from glass_diffusion.sd_core.unet import UNetConfig
 from glass_diffusion.sd_core.vae import VAEConfig
@@ -30,7 +32,7 @@ def tiny_model(tok, inpainting=False):
     torch.manual_seed(0)
     clip = CLIPTextConfig.tiny(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     cfg = SDConfig(UNetConfig.tiny(in_channels=9 if inpainting else 4), clip, VAEConfig.tiny())
-    return StableDiffusion(cfg).eval()
+    return StableDiffusion(cfg, SD1_INPAINT if inpainting else SD1).eval()
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,10 @@ def model(tok):
 KW = dict(steps=3, cfg=5.0, sampler_name="euler_ancestral", scheduler="karras")
 
 
+def sample_kw(model, pos, neg, latent, **request):
+    return sample(DiffusionModel.from_checkpoint(model), pos, neg, latent, SampleRequest(**request))
+
+
 def test_txt2img_is_the_pieces(model, tok):
     img = txt2img(model, tok, "a red fox", "blurry", width=64, height=64, seed=4, **KW)
     assert img.shape == (1, 64, 64, 3) and img.min() >= 0 and img.max() <= 1
@@ -48,7 +54,7 @@ def test_txt2img_is_the_pieces(model, tok):
     assert not torch.equal(img, txt2img(model, tok, "a red fox", "blurry", width=64, height=64, seed=5, **KW))
     # by hand from the public pieces
     pos, neg = encode_prompt(model.clip, tok, "a red fox"), encode_prompt(model.clip, tok, "blurry")
-    lat = sample(model.unet, pos, neg, {"samples": torch.zeros(1, 4, 8, 8)}, seed=4, **KW)
+    lat = sample_kw(model, pos, neg, {"samples": torch.zeros(1, 4, 8, 8)}, seed=4, **KW)
     with torch.no_grad():
         ref = ((model.vae.decode(lat["samples"]) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
     assert torch.equal(img, ref)
@@ -72,11 +78,11 @@ def test_img2img_and_inpaint(model, tok):
         with torch.no_grad():
             return ((model.vae.decode(lat["samples"]) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
-    ref = decode(sample(model.unet, pos, neg, {"samples": z}, seed=2, denoise=0.5, **KW))
+    ref = decode(sample_kw(model, pos, neg, {"samples": z}, seed=2, denoise=0.5, **KW))
     assert torch.equal(out, ref)
-    ref = decode(sample(model.unet, pos, neg, {"samples": z, "noise_mask": mask}, seed=2, **KW))
+    ref = decode(sample_kw(model, pos, neg, {"samples": z, "noise_mask": mask}, seed=2, **KW))
     assert torch.equal(painted, ref)
-    assert not torch.equal(painted, decode(sample(model.unet, pos, neg, {"samples": z}, seed=2, **KW)))
+    assert not torch.equal(painted, decode(sample_kw(model, pos, neg, {"samples": z}, seed=2, **KW)))
 
 
 def test_inpaint_with_nine_channel_model(tok):

@@ -4,14 +4,26 @@ import math
 import pytest
 import torch
 
+from glass_diffusion.sd_core.diffusion import DiffusionModel
+from glass_diffusion.sd_core.family import SD1, SD1_INPAINT
 from glass_diffusion.sd_core.guidance import CFGDenoiser
 from glass_diffusion.sd_core.noise import CPUNoise, DeviceNoise, make_noise_source, prepare_noise
-from glass_diffusion.sd_core.sampling import sample, sample_advanced
-from glass_diffusion.sd_core.schedules import ModelSampling, get_sigmas
+from glass_diffusion.sd_core.sampling import SampleRequest, sample, sample_advanced
+from glass_diffusion.sd_core.schedules import get_sigmas
 from glass_diffusion.sd_core.unet import UNetConfig, UNetModel
 
-MS = ModelSampling()
+MS = SD1.model_sampling()
 SCALE = 0.18215
+
+
+def H(unet):
+    """The model handle of a test UNet (SD 1.x, or SD 1.x inpainting for 9 input channels)."""
+    return DiffusionModel.build(unet, SD1_INPAINT if unet.config.in_channels == 9 else SD1)
+
+
+def sample_kw(unet, positive, negative, latent, callback=None, noise_source=None, **request):
+    return sample(H(unet), positive, negative, latent, SampleRequest(**request), callback=callback,
+                  noise_source=noise_source)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,7 +74,7 @@ def latent(b=1, seed=5, zero=False):
 def run(unet, lat=None, **kw):
     args = dict(seed=3, steps=4, cfg=7.0, sampler_name="euler", scheduler="normal")
     args.update(kw)
-    return sample(unet, POS, NEG, lat or latent(), **args)
+    return sample_kw(unet, POS, NEG, lat or latent(), **args)
 
 
 # ---- noise -------------------------------------------------------------------------------------------------
@@ -143,12 +155,12 @@ def test_denoise_zero_returns_input(unet):
 def test_split_schedule_equals_whole(name, unet):
     steps, k = 6, 2
     lat = latent(zero=True)
-    whole = sample_advanced(unet, POS, NEG, lat, noise_seed=11, steps=steps, cfg=5.0, sampler_name=name,
+    whole = sample_advanced(H(unet), POS, NEG, lat, noise_seed=11, steps=steps, cfg=5.0, sampler_name=name,
                             scheduler="karras", noise_source=_shared(name, lat))["samples"]
     shared = _shared(name, lat)
-    first = sample_advanced(unet, POS, NEG, lat, noise_seed=11, steps=steps, cfg=5.0, sampler_name=name,
+    first = sample_advanced(H(unet), POS, NEG, lat, noise_seed=11, steps=steps, cfg=5.0, sampler_name=name,
                             scheduler="karras", end_at_step=k, return_with_leftover_noise=True, noise_source=shared)
-    second = sample_advanced(unet, POS, NEG, first, add_noise=False, noise_seed=11, steps=steps, cfg=5.0,
+    second = sample_advanced(H(unet), POS, NEG, first, add_noise=False, noise_seed=11, steps=steps, cfg=5.0,
                              sampler_name=name, scheduler="karras", start_at_step=k, noise_source=shared)["samples"]
     # compared in the sampler's (scaled) latent space: the LATENT between the pieces is unscaled and rescaled
     err = (whole - second).abs().max().item() * SCALE
@@ -165,14 +177,14 @@ def _shared(name, lat):
 
 def test_leftover_noise_and_full_denoise(unet):
     lat = latent(zero=True)
-    part = sample_advanced(unet, POS, NEG, lat, noise_seed=1, steps=5, cfg=5.0, sampler_name="euler",
+    part = sample_advanced(H(unet), POS, NEG, lat, noise_seed=1, steps=5, cfg=5.0, sampler_name="euler",
                            scheduler="normal", end_at_step=2, return_with_leftover_noise=True)["samples"]
-    full = sample_advanced(unet, POS, NEG, lat, noise_seed=1, steps=5, cfg=5.0, sampler_name="euler",
+    full = sample_advanced(H(unet), POS, NEG, lat, noise_seed=1, steps=5, cfg=5.0, sampler_name="euler",
                            scheduler="normal", end_at_step=2, return_with_leftover_noise=False)["samples"]
     assert part.std() > 3 * full.std()  # still noisy at sigma_2 (unscaled latent) vs denoised to 0
     # start past the end: the latent comes back unchanged, no UNet call
     n = len(unet.batches)
-    out = sample_advanced(unet, POS, NEG, lat, noise_seed=1, steps=5, cfg=5.0, sampler_name="euler",
+    out = sample_advanced(H(unet), POS, NEG, lat, noise_seed=1, steps=5, cfg=5.0, sampler_name="euler",
                           scheduler="normal", start_at_step=5)
     assert torch.equal(out["samples"], lat["samples"]) and len(unet.batches) == n
 
@@ -188,9 +200,9 @@ def test_cfg_one_batched_call_and_cfg1_skips_uncond(unet):
 
 def test_cfg_formula(unet):
     x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([3.0])
-    g = CFGDenoiser(unet, POS, NEG, 6.5, x.shape, MS)
-    c = CFGDenoiser(unet, POS, NEG, 1.0, x.shape, MS)(x, sigma)
-    u = CFGDenoiser(unet, NEG, NEG, 1.0, x.shape, MS)(x, sigma)
+    g = CFGDenoiser(H(unet), POS, NEG, 6.5, x.shape)
+    c = CFGDenoiser(H(unet), POS, NEG, 1.0, x.shape)(x, sigma)
+    u = CFGDenoiser(H(unet), NEG, NEG, 1.0, x.shape)(x, sigma)
     assert torch.allclose(g(x, sigma), u + 6.5 * (c - u), atol=1e-5)
 
 
@@ -198,7 +210,7 @@ def test_conditioning_strength_area_and_timing(unet):
     x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([3.0])
 
     def single(cnd):
-        return CFGDenoiser(unet, cnd, NEG, 1.0, x.shape, MS)(x, sigma)
+        return CFGDenoiser(H(unet), cnd, NEG, 1.0, x.shape)(x, sigma)
 
     a, b = cond(10), cond(11)
     xa, xb = single(a), single(b)
@@ -228,7 +240,7 @@ def test_conditioning_masks_cycle_over_a_larger_batch(unet):
     m[1, :4] = 1
 
     def single(mask):
-        return CFGDenoiser(unet, a + [[b[0][0], {"mask": mask}]], NEG, 1.0, x.shape, MS)(x, sigma)
+        return CFGDenoiser(H(unet), a + [[b[0][0], {"mask": mask}]], NEG, 1.0, x.shape)(x, sigma)
 
     got = single(m)  # 2 masks for 3 latents: the third takes the first mask again
     assert torch.allclose(got, single(torch.stack([m[0], m[1], m[0]])), atol=1e-6)
@@ -237,7 +249,7 @@ def test_conditioning_masks_cycle_over_a_larger_batch(unet):
 
 def test_contexts_of_different_length_share_a_batch(unet):
     long_neg = cond(2, tokens=16)
-    sample(unet, POS, long_neg, latent(), seed=1, steps=2, cfg=4.0, sampler_name="euler", scheduler="normal")
+    sample_kw(unet, POS, long_neg, latent(), seed=1, steps=2, cfg=4.0, sampler_name="euler", scheduler="normal")
     assert unet.batches == [2, 2]
 
 
@@ -259,7 +271,7 @@ def test_nine_channel_model_gets_mask_and_masked_latent():
     lat = latent()
     mask = torch.zeros(1, 8, 8)
     mask[:, :, :4] = 1
-    sample(u, POS, NEG, {**lat, "noise_mask": mask}, seed=1, steps=2, cfg=3.0, sampler_name="euler",
+    sample_kw(u, POS, NEG, {**lat, "noise_mask": mask}, seed=1, steps=2, cfg=3.0, sampler_name="euler",
            scheduler="normal")
     inp = u.inputs[0]
     assert inp.shape == (2, 9, 8, 8)
@@ -287,7 +299,7 @@ def test_nan_latent_and_wrong_width_refused(unet):
         run(unet, lat)
     sdxl = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
     with pytest.raises(ValueError, match="2048.*SDXL"):
-        sample(unet, sdxl, NEG, latent(), seed=0, steps=2, cfg=5.0, sampler_name="euler", scheduler="normal")
+        sample_kw(unet, sdxl, NEG, latent(), seed=0, steps=2, cfg=5.0, sampler_name="euler", scheduler="normal")
     assert unet.batches == []
 
 
@@ -304,9 +316,9 @@ def test_multistep_split_restarts_history(unet):
     close to, but not equal to, the whole run."""
     lat = latent(zero=True)
     kw = dict(noise_seed=11, steps=6, cfg=5.0, sampler_name="dpmpp_2m", scheduler="karras")
-    whole = sample_advanced(unet, POS, NEG, lat, **kw)["samples"]
-    first = sample_advanced(unet, POS, NEG, lat, end_at_step=3, return_with_leftover_noise=True, **kw)
-    second = sample_advanced(unet, POS, NEG, first, start_at_step=3, **{**kw, "add_noise": False})["samples"]
+    whole = sample_advanced(H(unet), POS, NEG, lat, **kw)["samples"]
+    first = sample_advanced(H(unet), POS, NEG, lat, end_at_step=3, return_with_leftover_noise=True, **kw)
+    second = sample_advanced(H(unet), POS, NEG, first, start_at_step=3, **{**kw, "add_noise": False})["samples"]
     diff = (whole - second).abs().max().item()
     assert 1e-4 < diff < 0.5 * whole.abs().max().item()
 
@@ -325,7 +337,7 @@ def test_sample_is_comfyui_pipeline_on_k_diffusion(name, unet):
     noise = torch.randn(lat["samples"].shape)
     sigmas = get_sigmas("karras", MS, 5)
     x = noise * (1 + sigmas[0] ** 2) ** 0.5
-    den = CFGDenoiser(unet, POS, NEG, 7.0, x.shape, MS)
+    den = CFGDenoiser(H(unet), POS, NEG, 7.0, x.shape)
     if name == "euler_ancestral":
         g = torch.Generator().manual_seed(seed + 1)
         ns = lambda s, sn: torch.randn(x.shape, generator=g)  # noqa: E731

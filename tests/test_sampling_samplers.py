@@ -10,11 +10,12 @@ import torch
 import _kdiff
 from glass_diffusion.sd_core import samplers as S
 from glass_diffusion.sd_core.noise import BrownianTreeNoise
-from glass_diffusion.sd_core.schedules import ModelDenoiser, ModelSampling, get_sigmas
+from glass_diffusion.sd_core.family import SD1
+from glass_diffusion.sd_core.schedules import ModelDenoiser, get_sigmas
 from glass_diffusion.sd_core.unet import UNetConfig, UNetModel
 
 TOL = 1e-5
-MS = ModelSampling()
+MS = SD1.model_sampling()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import _kdiff
-from glass_diffusion.sd_core.schedules import (SCHEDULER_NAMES, ModelSampling, beta_ppf, get_sigmas)
+from glass_diffusion.sd_core.family import SD1
+from glass_diffusion.sd_core.schedules import (SCHEDULER_NAMES, beta_ppf, get_sigmas)
 
-MS = ModelSampling()
+MS = SD1.model_sampling()
 STEPS = [1, 2, 3, 4, 7, 10, 20, 25, 50]
 DENOISE = [1.0, 0.9, 0.75, 0.5, 0.33, 0.1]
 
@@ -141,7 +142,7 @@ def test_bad_values_refused(kw):
 
 def test_timestep_lookup_stays_on_the_sigmas_device():
     """sigma -> timestep runs where sigma is (no host round trip per UNet call); the table is copied once."""
-    ms = ModelSampling()
+    ms = SD1.model_sampling()
     sigma = torch.tensor([14.6146, 1.0, 0.0292], device="meta")
     t = ms.timestep(sigma)
     assert t.device.type == "meta" and t.shape == sigma.shape

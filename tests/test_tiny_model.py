@@ -9,7 +9,8 @@ import torch
 from glass_diffusion.sd_core import builtin, toy_data
 from glass_diffusion.sd_core.checkpoint import CONFIG_METADATA_KEY, load_checkpoint
 from glass_diffusion.sd_core.conditioning import encode_prompt
-from glass_diffusion.sd_core.sampling import img2img, inpaint, sample, txt2img
+from glass_diffusion.sd_core.diffusion import DiffusionModel
+from glass_diffusion.sd_core.sampling import SampleRequest, img2img, inpaint, sample, txt2img
 from glass_diffusion.sd_core.tokenizer import CLIPTokenizer
 
 from _scorer import analyse, scene_want, score, summarise
@@ -49,8 +50,8 @@ def generate_batch(tiny, prompts, seed):
     positive = [[torch.cat([z for z, _ in conds]), {"pooled_output": torch.cat([d["pooled_output"] for _, d in conds])}]]
     negative = encode_prompt(model.clip, tok, "")
     latent = {"samples": torch.zeros(len(prompts), 4, 8, 8)}
-    out = sample(model.unet, positive, negative, latent, seed=seed, scaling_factor=model.config.vae.scaling_factor,
-                 **SETTINGS)
+    out = sample(DiffusionModel.from_checkpoint(model), positive, negative, latent,
+                 SampleRequest(seed=seed, **SETTINGS))
     images = model.vae.decode(out["samples"])  # (B, 4, 8, 8) -> (B, 3, 64, 64)
     return to_uint8(((images + 1) / 2).permute(0, 2, 3, 1))
 
@@ -135,9 +136,9 @@ def test_inpainting_changes_only_the_masked_region(tiny):
     # latent level: outside the mask the sampled latent is the encoded original, exactly
     x = image.permute(0, 3, 1, 2) * 2 - 1  # (1, H, W, 3) 0..1 -> (1, 3, H, W) -1..1
     encoded = model.vae.encode(x).mode()  # (1, 4, 8, 8)
-    out = sample(model.unet, encode_prompt(model.clip, tok, prompt), encode_prompt(model.clip, tok, ""),
-                 {"samples": encoded, "noise_mask": mask}, seed=3,
-                 scaling_factor=model.config.vae.scaling_factor, **SETTINGS)["samples"]
+    out = sample(DiffusionModel.from_checkpoint(model), encode_prompt(model.clip, tok, prompt),
+                 encode_prompt(model.clip, tok, ""), {"samples": encoded, "noise_mask": mask},
+                 SampleRequest(seed=3, **SETTINGS))["samples"]
     keep = torch.ones(8, 8, dtype=torch.bool)
     keep[4:, 4:] = False
     assert torch.allclose(out[..., keep], encoded[..., keep], atol=1e-5)
