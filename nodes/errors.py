@@ -22,7 +22,7 @@ class GraphError:
     def __str__(self) -> str:
         where = f"node {self.node_id} ({self.class_type})" if self.node_id is not None else "graph"
         if self.input_name:
-            where += f" input '{self.input_name}'"
+            where += f" input '{self.input_name}'" if self.node_id is not None else f" field '{self.input_name}'"
         return f"{where}: {self.message}"
 
 

@@ -219,7 +219,8 @@ def _check_ui(ui: dict) -> tuple[dict, dict]:
 
     for i, node in enumerate(ui.get("nodes") or []):
         if not isinstance(node, dict):
-            bad(f"entry {i} of 'nodes' is a {type(node).__name__}, not a node object", field=f"nodes[{i}]")
+            bad(f"entry {i} of 'nodes' is not a node object (got {type(node).__name__} {str(node)[:40]})",
+                field=f"nodes[{i}]")
             continue
         nid, kind = node.get("id"), node.get("type")
         if not _is_id(nid):
@@ -255,7 +256,7 @@ def _check_ui(ui: dict) -> tuple[dict, dict]:
             for j, sock in enumerate(sockets):
                 where = f"{key}[{j}]"
                 if not isinstance(sock, dict):
-                    bad(f"{where} is a {type(sock).__name__}, not a socket object", nid, kind, where)
+                    bad(f"{where} is not a socket object (got {type(sock).__name__})", nid, kind, where)
                     ok = False
                 elif any(not isinstance(sock.get(k), str) for k in need):
                     bad(f"{where} has no valid 'name' (got {sock.get('name')!r})", nid, kind, where)
