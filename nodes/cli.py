@@ -8,6 +8,7 @@
     glass-diffusion convert WORKFLOW [-o OUT]
     glass-diffusion nodes [--json]
     glass-diffusion bench [--device cpu|cuda] [--comfyui DIR --comfyui-python PY] [--glass VARIANTS] [--json OUT]
+    glass-diffusion grid WORKFLOW --x NODE.INPUT=VALUES [--y ...] [--z ...] [--ray [ADDRESS]]  (see nodes/grid.py)
 
 `generate` runs the shipped text_to_image workflow once per prompt, on the built-in model "glass-tiny (built-in)"
 unless --checkpoint names another (a file in <models>/checkpoints, or a path), and prints the PNGs' paths.
@@ -26,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import bench, progress, runtime
+from . import bench, grid, progress, runtime
 from .executor import Executor, GraphValidationError, NodeExecutionError, run_workflow, validate_workflow
 from .workflow import default_registry, input_specs, load_workflow, parse_value, to_api
 
@@ -265,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     for sp in (gen, run, val, nodes):
         sp.add_argument("--models", metavar="DIR", help="models folder (default ./models); fills the file lists")
+    grid.add_parser(sub)
     return p
 
 
@@ -272,7 +274,8 @@ def main(argv: list[str] | None = None, registry: dict | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # exits 2 on bad arguments
         handler = {"generate": _generate, "run": _run, "validate": _validate, "convert": _convert,
-                   "nodes": _nodes, "bench": lambda a, _registry: bench.main(a)}[args.command]
+                   "nodes": _nodes, "bench": lambda a, _registry: bench.main(a),
+                   "grid": grid.main}[args.command]
         try:
             return handler(args, default_registry() if registry is None else registry)
         except GraphValidationError as e:  # e.g. a malformed editor file met by convert
