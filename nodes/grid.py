@@ -140,7 +140,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return "_".join(f"{a}{i}" for a, i in zip(self.axes, self.index))
+        return "_".join(f"{a}{i}" for a, i in zip(self.axes, self.index, strict=True))
 
     def at(self, axis: str) -> int:
         """The value index on an axis; 0 for an axis the grid does not have."""
@@ -194,7 +194,7 @@ class GridSpec:
         out = []
         for rev in itertools.product(*ranges):
             index = tuple(reversed(rev))
-            overrides = {**self.overrides, **{a.key: a.values[i] for a, i in zip(self.axes, index)}}
+            overrides = {**self.overrides, **{a.key: a.values[i] for a, i in zip(self.axes, index, strict=True)}}
             out.append(Cell(index, overrides, names))
         return out
 
@@ -434,7 +434,8 @@ class GridProgress:
     def line(self) -> str:
         left = self.seconds_left
         eta = "" if left is None else f", about {_duration(left)} left"
-        rate = "" if self.done == self.resumed else f", {(self.done - self.resumed) / max(self.elapsed, 1e-9):.2f} cells/s"
+        ran = self.done - self.resumed
+        rate = f", {ran / max(self.elapsed, 1e-9):.2f} cells/s" if ran else ""
         return f"grid: {self.done}/{self.total} cells{rate}{eta} ({self.record['cell']})"
 
 
@@ -525,7 +526,7 @@ def _check_cells(spec: GridSpec, cells: list[Cell]) -> None:
     for cell in cells:
         errors = validate_workflow(spec.workflow, cell.overrides, spec.registry)
         if errors:
-            axes = ", ".join(f"{a.key}={label(a.values[i])}" for a, i in zip(spec.axes, cell.index))
+            axes = ", ".join(f"{a.key}={label(a.values[i])}" for a, i in zip(spec.axes, cell.index, strict=True))
             lines = "\n  ".join(str(e) for e in errors)
             raise GridError(f"cell {cell.name} ({axes}) is not a valid graph:\n  {lines}")
 
@@ -565,7 +566,7 @@ def _run_ray(spec, folder, todo, ray, workers, threads, cells_per_task) -> Itera
     for record, blobs in grid_ray.run_groups(spec, groups, address, workers, threads):
         def commit(rec, blobs=blobs):
             partial = folder.new_partial(Cell(tuple(rec["index"]), rec["overrides"], tuple(rec["axes"])))
-            for rel, data in zip(rec["files"], blobs):
+            for rel, data in zip(rec["files"], blobs, strict=True):
                 target = partial / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
@@ -628,7 +629,7 @@ def main(args, registry) -> int:
         print(f"error: {e}", file=sys.stderr)
         return INVALID
     if rc != OK or not results or not results[0].complete:
-        folder = results[0].folder if results else "the grid folder"
+        folder = Path(args.output or runtime.get_settings().output_dir).resolve() / (args.name or grid_folder_name(spec))
         print(f"grid not complete: run the same command again to resume ({folder})", file=sys.stderr)
         return FAILED if rc in (OK, FAILED) else rc
     result = results[0]

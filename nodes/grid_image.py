@@ -107,7 +107,8 @@ def render_grid(images: dict, x_labels: list[str], y_labels: list[str], title: s
     layout = grid_layout(size, x_labels, y_labels, title)
     canvas = Image.new("RGB", layout.size, BACKGROUND)
     canvas.paste(render_label(title, (layout.title.w, layout.title.h)), layout.title.crop()[:2])
-    for box, text in [*zip(layout.x_labels, x_labels), *zip(layout.y_labels, y_labels)]:
+    for box, text in [*zip(layout.x_labels, x_labels, strict=True),
+                      *zip(layout.y_labels, y_labels, strict=True)]:
         canvas.paste(render_label(text, (box.w, box.h)), (box.x, box.y))
     for key, box in layout.cells.items():
         im = images[key].convert("RGB")

@@ -130,7 +130,8 @@ def test_grid_picture_has_the_labels_and_the_cells(local_grid):
         up = np.array(images[(xi, yi)]).repeat(layout.scale, 0).repeat(layout.scale, 1)
         assert np.array_equal(crop(box), up)
     drawn = []
-    for box, text in [(layout.title, title), *zip(layout.x_labels, x_labels), *zip(layout.y_labels, y_labels)]:
+    for box, text in [(layout.title, title), *zip(layout.x_labels, x_labels, strict=True),
+                      *zip(layout.y_labels, y_labels, strict=True)]:
         part = crop(box)
         assert np.array_equal(part, np.array(grid_image.render_label(text, (box.w, box.h)))), text
         assert (part < 128).any(), f"label {text!r} has no ink"
@@ -174,8 +175,7 @@ def test_interrupted_grid_resumes_to_the_same_grid(local_grid, tmp_path):
     assert second.complete and second.resumed == 3 and second.ran == 5 and not dead.exists()
     assert (tmp_path / "g" / "grid.png").read_bytes() == Path(local_grid["grid"]).read_bytes()
     assert gu.cell_images(tmp_path / "g") == {k: [v] for k, v in local_grid["reference"].items()}
-    # resumed cells are not run again: only the text encodings of the missing cells ran
-    assert second.node_runs()["GlassKSampler"] == 5
+    assert second.node_runs()["GlassKSampler"] == 5  # the saved cells were not run again
 
 
 def test_interrupt_during_a_cell_leaves_that_cell_out(tmp_path, monkeypatch):
