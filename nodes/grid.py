@@ -491,6 +491,7 @@ def run_grid(spec: GridSpec, output_dir=None, name: str | None = None, *, ray: s
     output_dir = Path(output_dir) if output_dir is not None else runtime.get_settings().output_dir
     folder = GridFolder(Path(output_dir).resolve() / (name or grid_folder_name(spec)), spec)
     t0, run_id = time.perf_counter(), uuid.uuid4().hex
+    progress.clear_cancel()  # (as Executor.run: a cancel from before this grid does not stop it)
     _check_cells(spec, spec.cells())
     with contextlib.ExitStack() as stack:
         stack.callback(folder.close)
@@ -580,7 +581,9 @@ def _run_ray(spec, folder, todo, ray, workers, threads, cells_per_task) -> Itera
 def add_parser(sub) -> None:
     """The ``grid`` subcommand of nodes/cli.py."""
     g = sub.add_parser("grid", help="run a workflow over a grid of values; save every cell and a labelled grid",
-                       description=__doc__.split("\n\n")[1] if __doc__ else None)
+                       description="Run WORKFLOW once per cell of the product of the axes; save every cell's "
+                                   "images (each with its own workflow) and, when all are there, a labelled grid "
+                                   "picture, under <output>/<name>/. The same command resumes an interrupted grid.")
     g.add_argument("workflow")
     for axis in AXES:
         g.add_argument(f"--{axis}", metavar="NODE.INPUT=VALUES", required=axis == "x",

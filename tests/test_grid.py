@@ -1,6 +1,8 @@
 """`glass-diffusion grid` here, without Ray: axis values, the 2 x 4 glass-tiny grid against single runs, the
 labelled picture, reuse across cells, resume after an interrupt, and the grid folder's rules."""
 import json
+import os
+import signal
 import sys
 
 import numpy as np
@@ -178,8 +180,7 @@ def test_interrupted_grid_resumes_to_the_same_grid(local_grid, tmp_path):
     assert second.node_runs()["GlassKSampler"] == 5  # the saved cells were not run again
 
 
-def test_interrupt_during_a_cell_leaves_that_cell_out(tmp_path, monkeypatch):
-    spec = gu.spec(seeds=[11, 12], prompts=gu.PROMPTS[:1])
+def test_ctrl_c_during_a_cell_leaves_that_cell_out_and_the_command_resumes(tmp_path, monkeypatch):
     from glass_diffusion.nodes import grid as grid_mod
     real_cell, real_update = grid_mod.run_cell, progress.ProgressBar.update_absolute
     calls = []
@@ -189,18 +190,24 @@ def test_interrupt_during_a_cell_leaves_that_cell_out(tmp_path, monkeypatch):
         return real_cell(executor, workflow, cell, out_dir)
 
     def update_absolute(self, *args, **kwargs):
-        if len(calls) == 2:  # Ctrl-C in the middle of the second cell's sampling
-            progress.request_cancel()
+        if len(calls) == 2 and not sent:  # Ctrl-C in the middle of the second cell's sampling
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
         return real_update(self, *args, **kwargs)
 
+    sent = []
     monkeypatch.setattr(grid_mod, "run_cell", run_cell)
     monkeypatch.setattr(progress.ProgressBar, "update_absolute", update_absolute)
-    with pytest.raises(progress.Interrupted):
-        run_grid(spec, tmp_path, name="g")
-    progress.clear_cancel()
-    assert calls == ["x0_y0", "x1_y0"]
-    assert [p.name for p in (tmp_path / "g" / "cells").iterdir()] == ["x0_y0"]
+    argv = ["grid", gu.WORKFLOW, "--x", "Sampler.seed=1,2,3", "--set", "Sampler.steps=2", "--output", tmp_path,
+            "--name", "g"]
+    rc, out, err = gu.cli_main(argv)
+    assert rc == 1 and out == "" and "cancelling at the next step" in err
+    assert f"run the same command again to resume ({tmp_path / 'g'})" in err
+    assert calls == ["x0", "x1"] and [p.name for p in (tmp_path / "g" / "cells").iterdir()] == ["x0"]
     assert list((tmp_path / "g" / ".partial").iterdir()) == [] and not (tmp_path / "g" / "grid.png").exists()
+    rc, out, err = gu.cli_main(argv)
+    assert rc == 0 and out.split() == [str(tmp_path / "g" / "grid.png")] and "1 already saved, 2 run" in err
+    assert calls == ["x0", "x1", "x1", "x2"]
 
 
 def test_another_grid_in_the_same_folder_is_refused(tmp_path):
