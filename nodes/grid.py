@@ -477,9 +477,12 @@ def grid_folder_name(spec: GridSpec) -> str:
 
 def run_grid(spec: GridSpec, output_dir=None, name: str | None = None, *, ray: str | bool | None = None,
              workers: int | None = None, threads: int | None = None, cells_per_task: int = CELLS_PER_TASK,
-             on_cell: Callable[[GridProgress], None] | None = None) -> GridResult:
+             on_cell: Callable[[GridProgress], None] | None = None, cancel=None) -> GridResult:
     """Run (or resume) a grid; returns when every cell is saved and the grid pictures written, or early
-    (``complete`` False, no picture) when a cancel was requested (progress.request_cancel, the CLI's Ctrl-C).
+    (``complete`` False, no picture) when cancelled between cells; a cancel during a cell raises
+    progress.Interrupted (that cell is not saved). ``cancel``: a threading.Event for the whole grid (default:
+    the caller's progress.cancel_scope, such as the CLI's Ctrl-C flag, else a new one; ``on_cell`` may call
+    progress.request_cancel()).
 
     ``ray``: None/False runs here with one Executor; True or "local" starts a local Ray cluster (or uses the
     connected one); any other string is a cluster address. ``threads``: torch CPU threads for every cell, here
@@ -491,9 +494,11 @@ def run_grid(spec: GridSpec, output_dir=None, name: str | None = None, *, ray: s
     output_dir = Path(output_dir) if output_dir is not None else runtime.get_settings().output_dir
     folder = GridFolder(Path(output_dir).resolve() / (name or grid_folder_name(spec)), spec)
     t0, run_id = time.perf_counter(), uuid.uuid4().hex
-    progress.clear_cancel()  # (as Executor.run: a cancel from before this grid does not stop it)
     _check_cells(spec, spec.cells())
+    if cancel is None and progress.in_cancel_scope():
+        cancel = progress.cancel_event()
     with contextlib.ExitStack() as stack:
+        cancel = stack.enter_context(progress.cancel_scope(cancel))  # every cell's run shares this flag
         stack.callback(folder.close)
         folder.open()
         records = folder.done()
@@ -513,7 +518,7 @@ def run_grid(spec: GridSpec, output_dir=None, name: str | None = None, *, ray: s
                 if on_cell is not None:
                     on_cell(GridProgress(len(records), result.total, result.resumed, time.perf_counter() - t0,
                                          record))
-                if progress.cancel_requested():
+                if cancel.is_set():
                     break
         result.seconds = time.perf_counter() - t0
         if result.complete:
@@ -549,7 +554,7 @@ def _run_local(spec: GridSpec, folder: GridFolder, todo: list[Cell], threads: in
     executor = Executor(spec.registry)
     with _torch_threads(threads):
         for cell in todo:
-            if progress.cancel_requested():  # (Executor.run clears the flag: check between cells here)
+            if progress.cancel_requested():
                 return
             partial = folder.new_partial(cell)
             try:
