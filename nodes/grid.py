@@ -618,7 +618,7 @@ def main(args, registry) -> int:
         axes = [parse_axis(a, getattr(args, a)) for a in AXES if getattr(args, a) is not None]
         if args.ray:
             from .grid_ray import require_ray
-            require_ray()
+            require_ray(local=args.ray == "local")
         spec = GridSpec(load_workflow(args.workflow), axes, _parse_sets(args.set), registry)
     except (GridError, ValueError, OSError, ImportError) as e:  # ImportError: --ray without Ray
         print(f"error: {e}", file=sys.stderr)

@@ -29,8 +29,12 @@ class RayMissing(ImportError):
     pass
 
 
-def require_ray():
-    """The ray module, or RayMissing with the install hint."""
+def require_ray(local: bool = False):
+    """The ray module, or RayMissing with the install hint. ``local``: a cluster this process will start, so
+    (when Ray is not imported yet) every Ray listener binds to 127.0.0.1 and no usage report is sent."""
+    if local and "ray" not in sys.modules:  # (Ray reads these when it is imported)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         import ray
         import ray.data  # noqa: F401  (the [data] part: pyarrow)
@@ -77,10 +81,7 @@ class CellWorker:
 
 def _connect(address: str | None) -> bool:
     """Start or join a cluster unless one is connected; True when this call did (shut it down after)."""
-    if address is None and "ray" not in sys.modules:  # a local cluster: loopback only, no usage report
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray = require_ray()
+    ray = require_ray(local=address is None)
     if ray.is_initialized():
         return False
     kwargs = {"include_dashboard": False} if address is None else {"address": address}
