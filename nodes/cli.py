@@ -6,13 +6,15 @@
                                  [--device auto|cpu|cuda] [--dtype auto|fp32|fp16|bf16]
     glass-diffusion validate WORKFLOW [--set ...] [--models DIR] [--input DIR]
     glass-diffusion convert WORKFLOW [-o OUT]
+    glass-diffusion workflows
     glass-diffusion nodes [--json]
     glass-diffusion bench [--device cpu|cuda] [--comfyui DIR --comfyui-python PY] [--glass VARIANTS] [--json OUT]
     glass-diffusion grid WORKFLOW --x NODE.INPUT=VALUES [--y ...] [--z ...] [--ray [ADDRESS]]  (see nodes/grid.py)
 
 `generate` runs the shipped text_to_image workflow once per prompt, on the built-in model "glass-tiny (built-in)"
-unless --checkpoint names another (a file in <models>/checkpoints, or a path), and prints the PNGs' paths.
-WORKFLOW is a JSON file (editor or API format) or a PNG written by a save node. NODE is a node id,
+unless --checkpoint names another (a file in <models>/checkpoints, or a path), and prints each PNG's path with
+the seed and prompt it shows. WORKFLOW is a JSON file (editor or API format), a PNG written by a save node, or
+the name of a shipped workflow (`glass-diffusion workflows` lists them). NODE is a node id,
 a title, or a class_type used once. Exit codes: 0 done, 2 invalid graph or arguments, 1 failed run.
 The first Ctrl-C cancels at the next step; a second one stops at once. A run writes its files only when it
 succeeds: a failed or cancelled run leaves nothing in the output folder (see nodes/outputs.py).
@@ -27,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import bench, grid, progress, runtime
+from . import bench, grid, notes, progress, runtime
 from .executor import Executor, GraphValidationError, NodeExecutionError, run_workflow, validate_workflow
 from .workflow import default_registry, input_specs, load_workflow, parse_value, to_api
 
@@ -107,29 +109,52 @@ def _guarded(job) -> int:
 GENERATE_WORKFLOW = "text_to_image"
 
 
-def _checkpoint_choice(value: str | None, models: str | None):
+def _checkpoint_choice(value: str | None, models: str | None, tmp: Path):
     """(ckpt_name, models folder to use) for --checkpoint: the built-in model, a name in <models>/checkpoints,
-    or a path to a file (its folder then serves as the checkpoints folder, through a temporary models folder)."""
+    or a path to a model file (linked, with its <stem>.tokenizer/ folder if any, into a models folder in tmp)."""
     from ..sd_core import builtin
+    from . import loaders, paths
     if value is None or builtin.is_builtin(value):
         return builtin.NAME, models
     path = Path(value).expanduser()
     with runtime.settings_override(models_dir=models):
-        from . import paths
         if paths.full_path("checkpoints", value) is not None:
             return value, models
-    if not path.is_file():
-        raise ValueError(f"--checkpoint {value!r}: no such file, and no such name in the checkpoints folder")
-    import tempfile
-    tmp = Path(tempfile.mkdtemp(prefix="glass-diffusion-models-"))
-    (tmp / "checkpoints").symlink_to(path.resolve().parent, target_is_directory=True)
+        if not path.is_file():
+            raise ValueError(f"--checkpoint {value!r}: no such file; {loaders.missing_checkpoint(value)}")
+    if path.suffix.lower() not in paths.MODEL_EXTENSIONS:
+        raise ValueError(f"--checkpoint {value!r}: not a checkpoint file (expected one of "
+                         f"{', '.join(paths.MODEL_EXTENSIONS)})")
+    path = path.resolve()
+    folder = tmp / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / path.name).symlink_to(path)
+    tokenizer = path.with_name(path.stem + ".tokenizer")
+    if tokenizer.is_dir():
+        (folder / tokenizer.name).symlink_to(tokenizer, target_is_directory=True)
     return path.name, tmp
 
 
+def _check_size(option: str, value: int | None) -> None:
+    if value is not None and (value < 8 or value % 8):
+        lower, upper = max(8, value // 8 * 8), max(8, -(-value // 8) * 8)
+        sizes = f"{lower}" if lower == upper else f"{lower} or {upper}"
+        raise ValueError(f"{option} {value}: must be a multiple of 8 pixels (the latent is 1/8 of the picture): "
+                         f"try {sizes}")
+
+
 def _generate(args, registry) -> int:
+    import tempfile
+    _check_size("--width", args.width)
+    _check_size("--height", args.height)
+    with tempfile.TemporaryDirectory(prefix="glass-diffusion-models-") as tmp:
+        return _generate_in(args, registry, Path(tmp))
+
+
+def _generate_in(args, registry, tmp: Path) -> int:
     from ..sd_core import builtin
     from . import example_workflows, paths
-    ckpt_name, models = _checkpoint_choice(args.checkpoint, args.models)
+    ckpt_name, models = _checkpoint_choice(args.checkpoint, args.models, tmp)
     tiny = ckpt_name == builtin.NAME
     prompts = args.prompts or (list(builtin.EXAMPLE_PROMPTS) if tiny else [])
     if not prompts:
@@ -152,15 +177,20 @@ def _generate(args, registry) -> int:
         with runtime.settings_override(models_dir=models, output_dir=args.output, device=args.device,
                                        dtype=args.dtype):
             out_dir = paths.output_dir()
-            for prompt in prompts:
+            for i, prompt in enumerate(prompts, 1):
+                if len(prompts) > 1:
+                    print(f"[{i}/{len(prompts)}] {prompt}", file=sys.stderr, flush=True)
                 result = run_workflow(workflow, {**overrides, "Positive.text": prompt}, registry=registry,
                                       executor=executor)
+                ran = {n["_meta"]["title"]: n["inputs"] for n in result.prompt.values() if "_meta" in n}
                 for ui in result.ui.values():
                     for img in ui.get("images", []):
                         if img.get("type") == "output":
                             path = out_dir / img.get("subfolder", "") / img["filename"]
                             written.append(path)
-                            print(path, flush=True)
+                            # what the picture shows, from the graph that ran
+                            print(f"{path}  seed {ran['Sampler']['seed']}  {json.dumps(ran['Positive']['text'])}",
+                                  flush=True)
 
     t0 = time.perf_counter()
     rc = _guarded(job)
@@ -191,6 +221,19 @@ def _convert(args, registry) -> int:
         Path(args.output_file).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
+    return OK
+
+
+def _workflows(args, registry) -> int:
+    """The shipped workflows: name, what it needs, what it shows."""
+    from . import example_workflows, shipped
+    for name in shipped.workflow_names():
+        fn = example_workflows.WORKFLOWS.get(name)
+        needs = example_workflows.USER_FILES.get(name)
+        need = ("needs " + ", ".join(f"{folder}/{file} ({what})" for folder, file, what in needs)) if needs \
+            else "runs as shipped (built-in model)"
+        print(f"{name}\n    {' '.join(fn.__doc__.split()) if fn and fn.__doc__ else ''}\n    {need}")
+    print(f"\nrun one: glass-diffusion run NAME  (files: {shipped.WORKFLOWS_DIR})")
     return OK
 
 
@@ -248,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a workflow (JSON or PNG)")
     val = sub.add_parser("validate", help="check a workflow without running it")
     for sp in (run, val):
-        sp.add_argument("workflow")
+        sp.add_argument("workflow", help="a JSON file (editor or API format), a PNG saved by a save node, or the "
+                        "name of a shipped workflow (see `glass-diffusion workflows`)")
         sp.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
                         help="override an input (VALUE is JSON when it parses, else a string); repeatable")
         sp.add_argument("--input", metavar="DIR", help="input folder for image loaders "
@@ -261,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert an editor workflow to the API format")
     conv.add_argument("workflow")
     conv.add_argument("-o", "--output", dest="output_file", metavar="OUT", help="write here instead of stdout")
+    sub.add_parser("workflows", help="list the shipped workflows (run one by name: glass-diffusion run NAME)")
     nodes = sub.add_parser("nodes", help="list the node types with their inputs")
     nodes.add_argument("--json", action="store_true")
     bench.add_parser(sub)
@@ -274,8 +319,10 @@ def main(argv: list[str] | None = None, registry: dict | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # exits 2 on bad arguments
         handler = {"generate": _generate, "run": _run, "validate": _validate, "convert": _convert,
-                   "nodes": _nodes, "bench": lambda a, _registry: bench.main(a),
+                   "nodes": _nodes, "workflows": _workflows, "bench": lambda a, _registry: bench.main(a),
                    "grid": grid.main}[args.command]
+        notes.print_to_stderr()  # what nodes did on their own (a size rounded, unknown prompt words): "note: ..."
+        lines = progress.plain_lines.set(True)  # a plain line per step when stderr is not a terminal
         try:
             return handler(args, default_registry() if registry is None else registry)
         except GraphValidationError as e:  # e.g. a malformed editor file met by convert
@@ -284,6 +331,8 @@ def main(argv: list[str] | None = None, registry: dict | None = None) -> int:
         except (OSError, ValueError, KeyError) as e:  # unreadable file, bad JSON, bad --set
             print(f"error: {e}", file=sys.stderr)
             return INVALID
+        finally:
+            progress.plain_lines.reset(lines)
     except KeyboardInterrupt:  # Ctrl-C outside a run (loading torch, reading files): one line, exit 1
         print("interrupted", file=sys.stderr)
         return FAILED

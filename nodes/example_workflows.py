@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 
 from ..sd_core import builtin
+from ..sd_core.toy_data import Scene, draw, shape_centre
+from . import shipped
 
 PACK_ID = "glass-diffusion"          # the registry name (pyproject [project] name): ComfyUI-Manager's cnr_id
 PACK_REPO = "glass-diffusion/glass-diffusion"  # aux_id: the GitHub repository
@@ -25,28 +27,48 @@ PACK_VERSION = "0.1.0"
 BUILTIN = builtin.NAME              # the default checkpoint of the shipped workflows (ships with the package)
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # a user's SD 1.5 checkpoint (the tests write a tiny one by this name)
 INPAINT_CHECKPOINT = "sd-v1-5-inpainting.safetensors"
-INPUT_IMAGE = "example.png"
-WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
-# Top-left node body at the default view: clear of the editor's tab bar and side bar, title bar included.
-ORIGIN = (100, 100)
-ROW_STEP = 340  # at least: title bar (30) + the tallest usual node body + a gap
+# The input images the workflows load, drawn by our own code and shipped in workflows/input/ (nodes/shipped.py):
+# found by bare name in the input folder first, then in the package. A glass-tiny scene, and the same scene
+# with an alpha hole over its shape (LoadImage's mask = 1 - alpha: the hole is what inpainting repaints).
+INPUT_SCENE = Scene("red", "circle", "large", 1, 1, "blue")  # "a large red circle in the center on a blue background"
+INPUT_IMAGE = "glass_scene.png"
+INPUT_MASKED = "glass_scene_masked.png"
+WORKFLOWS_DIR = shipped.WORKFLOWS_DIR
+# Layout (editor coordinates; a node's pos is the top-left of its body, its 30 px title bar sits above it):
+# columns follow the data flow left to right as in ComfyUI's default graph, each node in the column after its
+# latest input (a node with no inputs in the column before its first consumer); titled groups are horizontal bands.
+ORIGIN = (70, 180)  # the first body: its title clear of the editor's menu, workflow tabs and side bar
+TITLE, GAP, COLUMN_GAP, GROUP_PAD, GROUP_TITLE = 30, 30, 40, 10, 36
+SOCKET_ROW, WIDGET_ROW = 20, 24
 
 
-def _body_height(slot_rows: int, widget_rows: int, image_preview: bool) -> int:
-    """About how tall the editor draws a node's body: 20 px a socket row, 24 a widget, ~280 an image preview."""
-    return slot_rows * 20 + widget_rows * 24 + 10 + (280 if image_preview else 0)
+def node_size(n_sockets: int, n_widgets: int, multiline: bool = False, image: bool = False) -> list[int]:
+    """[width, height] of a node body as ComfyUI's editor sizes it: 20 px per socket row (inputs beside outputs),
+    6 px padding, 24 px per widget row plus 8; a multiline text box and an image preview take more. Widths: 210
+    for nodes with at most one widget, 300 with more, 340 for a prompt box (text_to_image fits 1600 px)."""
+    height = n_sockets * SOCKET_ROW + 6 + (n_widgets * WIDGET_ROW + 8 if n_widgets else 0)
+    if multiline:
+        height += 100  # the text box beyond its widget row
+    if image:
+        height = max(height, 314)  # image widget + upload button + the picture (ComfyUI's LoadImage default)
+    width = 340 if multiline else (300 if n_widgets > 1 or image else 210)
+    return [width, height]
 
 
 class Graph:
-    """A workflow under construction: ``n = g.add(type, title=None, **inputs)``; ``n[i]`` is output i."""
+    """A workflow under construction: ``n = g.add(type, title=None, **inputs)``; ``n[i]`` is output i;
+    ``g.group(title, *nodes)`` draws a titled box around a stage (each group is a band below the previous ones)."""
 
     def __init__(self, registry: dict):
-        self.registry, self.nodes = registry, []
+        self.registry, self.nodes, self.groups = registry, [], []
 
     def add(self, type_: str, title: str | None = None, **inputs):
         node = _Node(len(self.nodes) + 1, type_, title, inputs)
         self.nodes.append(node)
         return node
+
+    def group(self, title: str, *nodes) -> None:
+        self.groups.append((title, list(nodes)))
 
     # --- API format
     def api(self) -> dict:
@@ -62,6 +84,56 @@ class Graph:
                 entry["_meta"] = {"title": n.title}
             out[str(n.id)] = entry
         return out
+
+    # --- layout
+    def _columns(self) -> dict:
+        """Node id -> column: one after its latest input; a node without inputs just before its first consumer."""
+        col = {}
+        for n in self._topological():
+            ups = [v.node.id for v in n.inputs.values() if isinstance(v, _Out)]
+            col[n.id] = 1 + max((col[u] for u in ups), default=-1)
+        for n in reversed(self._topological()):
+            if not any(isinstance(v, _Out) for v in n.inputs.values()):
+                users = [m.id for m in self.nodes if any(isinstance(v, _Out) and v.node is n for v in m.inputs.values())]
+                if users:
+                    col[n.id] = max(col[n.id], min(col[u] for u in users) - 1)
+        return col
+
+    def _layout(self, sizes: dict) -> tuple[dict, list]:
+        """(node id -> pos, groups as UI dicts). Ungrouped nodes first, then each group as a band; a band starts
+        below whatever is already in its columns and never above the band before it."""
+        col = self._columns()
+        widths = {}
+        for nid, c in col.items():
+            widths[c] = max(widths.get(c, 0), sizes[nid][0])
+        xs, x = {}, ORIGIN[0]
+        for c in sorted(widths):
+            xs[c], x = x, x + widths[c] + COLUMN_GAP
+        grouped = {n.id for _, members in self.groups for n in members}
+        bands = [(None, [n for n in self.nodes if n.id not in grouped])] + list(self.groups)
+        bottom = {c: ORIGIN[1] - TITLE for c in widths}  # the free y (title top) of each column
+        pos, groups, band_top = {}, [], ORIGIN[1] - TITLE
+        for title, members in bands:
+            if not members:
+                continue
+            cols = sorted({col[n.id] for n in members})
+            top = max([band_top] + [bottom[c] for c in cols])
+            band_top = top
+            y0 = top + (GROUP_TITLE + GROUP_PAD if title else 0)
+            for c in cols:
+                y = y0
+                for n in (m for m in members if col[m.id] == c):
+                    pos[n.id] = [xs[c], y + TITLE]
+                    y += TITLE + sizes[n.id][1] + GAP
+                bottom[c] = y
+            if title:  # the box spans its columns: everything later in them goes below it
+                left, right = xs[cols[0]] - GROUP_PAD, xs[cols[-1]] + widths[cols[-1]] + GROUP_PAD
+                low = max(pos[n.id][1] + sizes[n.id][1] for n in members) + GROUP_PAD
+                groups.append({"title": title, "bounding": [left, top, right - left, low - top],
+                               "color": "#3f789e", "font_size": 24, "flags": {}})
+                for c in range(cols[0], cols[-1] + 1):
+                    bottom[c] = max(bottom[c], low + GAP)
+        return pos, groups
 
     # --- UI format (0.4)
     def ui(self) -> dict:
@@ -81,7 +153,7 @@ class Graph:
                     links.append([link_id, v.node.id, v.slot, n.id, slot, out_type])
                     in_links[(n.id, spec.name)] = link_id
                     out_links.setdefault((v.node.id, v.slot), []).append(link_id)
-        nodes, column = [], {}
+        nodes, sizes, parts = [], {}, {}
         for n in self.nodes:
             cls = self.registry[n.type]
             specs = input_specs(cls)
@@ -94,13 +166,15 @@ class Graph:
                     if s.has_control:
                         widgets.append("fixed")
             names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-            col = order[n.id] // 3
-            y = column.get(col, ORIGIN[1])
-            preview = any(s.options.get("image_upload") for s in specs.values())
-            body = _body_height(max(len(sockets), len(names)), len(widgets), preview)
-            column[col] = y + max(ROW_STEP, body + 70)
+            multiline = any(s.options.get("multiline") for s in specs.values() if s.is_widget)
+            image = any(s.options.get("image_upload") for s in specs.values())
+            sizes[n.id] = node_size(max(len(sockets), len(names)), len(widgets), multiline, image)
+            parts[n.id] = (cls, sockets, widgets, names)
+        pos, groups = self._layout(sizes)
+        for n in self.nodes:
+            cls, sockets, widgets, names = parts[n.id]
             node = {
-                "id": n.id, "type": n.type, "pos": [ORIGIN[0] + 360 * col, y], "size": [320, max(200, body)],
+                "id": n.id, "type": n.type, "pos": pos[n.id], "size": sizes[n.id],
                 "flags": {}, "order": order[n.id], "mode": 0,
                 "inputs": [{"name": s.name, "type": s.type_name, "link": in_links.get((n.id, s.name))}
                            for s in sockets],
@@ -114,7 +188,7 @@ class Graph:
                 node["title"] = n.title
             nodes.append(node)
         return {"last_node_id": len(self.nodes), "last_link_id": link_id, "nodes": nodes, "links": links,
-                "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
+                "groups": groups, "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
 
     def _topological(self):
         done, out = set(), []
@@ -175,7 +249,7 @@ def text_to_image(g: Graph):
 
 
 def image_to_image(g: Graph):
-    """Load an image (input folder, 64x64 for the built-in model), encode it, re-noise to denoise 0.7 and sample it back towards the prompt."""
+    """Load an image (the shipped glass_scene.png, a red circle on blue, unless the input folder has one of that name), encode it, re-noise to denoise 0.7 and sample it back towards the prompt (a green square)."""
     loader, pos, neg = _base(g, prompt="a large green square in the center on a blue background")
     load = g.add("GlassLoadImage", "Load Image", image=INPUT_IMAGE)
     enc = g.add("GlassVAEEncode", "Encode", pixels=load[0], vae=loader[2])
@@ -185,9 +259,9 @@ def image_to_image(g: Graph):
 
 
 def inpaint_noise_mask(g: Graph):
-    """Inpainting with an ordinary 4-channel model: the image's alpha becomes a noise mask; only the masked area is resampled."""
+    """Inpainting with an ordinary 4-channel model: the image's alpha becomes a noise mask (the shipped glass_scene_masked.png has a transparent square over its red circle); only the masked area is resampled (a purple circle)."""
     loader, pos, neg = _base(g, prompt="a large purple circle in the center")
-    load = g.add("GlassLoadImage", "Load Image", image=INPUT_IMAGE)
+    load = g.add("GlassLoadImage", "Load Image", image=INPUT_MASKED)
     enc = g.add("GlassVAEEncode", "Encode", pixels=load[0], vae=loader[2])
     masked = g.add("GlassSetNoiseMask", "Noise Mask", samples=enc[0], mask=load[1])
     ks = _ksampler(g, "Sampler", loader, pos, neg, masked[0], denoise=1.0)
@@ -196,9 +270,9 @@ def inpaint_noise_mask(g: Graph):
 
 
 def inpaint_9channel(g: Graph):
-    """Inpainting with a 9-channel inpainting checkpoint: masked pixels greyed, mask grown by 6 px (VAE Encode for Inpainting). Needs a 9-channel model such as sd-v1-5-inpainting.safetensors in models/checkpoints; the built-in model cannot run it."""
+    """Inpainting with a 9-channel inpainting checkpoint: masked pixels greyed, mask grown by 6 px (VAE Encode for Inpainting). Needs a 9-channel model such as sd-v1-5-inpainting.safetensors in models/checkpoints (the built-in model cannot run it); loads glass_scene_masked.png, so give it your own 512 px picture with a transparent area."""
     loader, pos, neg = _base(g, ckpt=INPAINT_CHECKPOINT, prompt="a red wooden door", negative=SD15_NEGATIVE)
-    load = g.add("GlassLoadImage", "Load Image", image=INPUT_IMAGE)
+    load = g.add("GlassLoadImage", "Load Image", image=INPUT_MASKED)
     enc = g.add("GlassVAEEncodeForInpaint", "Encode for Inpainting", pixels=load[0], vae=loader[2],
                 mask=load[1], grow_mask_by=6)
     ks = _ksampler(g, "Sampler", loader, pos, neg, enc[0], cfg=7.5, denoise=1.0)
@@ -215,7 +289,9 @@ def hires_fix(g: Graph):
                width=2 * SIZE, height=2 * SIZE, crop="disabled")
     second = _ksampler(g, "Second Pass", loader, pos, neg, up[0], seed=43, denoise=0.5)
     image = g.add("GlassVAEDecodeTiled", "Decode", samples=second[0], vae=loader[2], tile_size=64, overlap=32)
-    g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="hires")
+    save = g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="hires")
+    g.group("1. First pass (64 px)", empty, first)
+    g.group("2. Upscale and second pass (128 px)", up, second, image, save)
 
 
 def step_by_step(g: Graph):
@@ -230,15 +306,18 @@ def step_by_step(g: Graph):
                       negative=neg[0], sampler=sampler[0], sigmas=sched[0], latent_image=latent,
                       add_noise=(i == 1), noise_seed=42, cfg=CFG, start_step=start, end_step=end)
         x0 = g.add("GlassVAEDecode", f"Decode x0 {i}", samples=steps[1], vae=loader[2])
-        g.add("GlassSaveImage", f"Save x0 {i}", images=x0[0], filename_prefix=f"steps/stage{i}_x0")
+        save = g.add("GlassSaveImage", f"Save x0 {i}", images=x0[0], filename_prefix=f"steps/stage{i}_x0")
+        g.group(f"Stage {i}: steps {start}-{end}", steps, x0, save)
         latent = steps[0]
         if i == 1:  # what the UNet predicts for the stage-1 latent at the sigma it stopped at
             predict = g.add("GlassUNetPredict", "UNet Predict", unet=loader[0], positive=pos[0], negative=neg[0],
                             latent=steps[0], cfg=CFG, sigma=1.0, sigmas=sched[0], step=end)
             x0p = g.add("GlassVAEDecode", "Decode predicted x0", samples=predict[1], vae=loader[2])
-            g.add("GlassPreviewImage", "Preview predicted x0", images=x0p[0])
+            preview = g.add("GlassPreviewImage", "Preview predicted x0", images=x0p[0])
+            g.group("UNet Predict of the stage-1 latent", predict, x0p, preview)
     final = g.add("GlassVAEDecode", "Decode final", samples=latent, vae=loader[2])
-    g.add("GlassSaveImage", "Save final", images=final[0], filename_prefix="steps/final")
+    save = g.add("GlassSaveImage", "Save final", images=final[0], filename_prefix="steps/final")
+    g.group("Final latent", final, save)
 
 
 def prompt_weighting(g: Graph):
@@ -280,6 +359,25 @@ def batch_of_seeds(g: Graph):
     g.add("GlassPreviewImage", "Preview picked", images=one[0])
 
 
+def scene_image():
+    """glass_scene.png: INPUT_SCENE as the built-in model's training data draws it, 64x64 RGB."""
+    from PIL import Image
+    return Image.fromarray(draw(INPUT_SCENE, SIZE), "RGB")
+
+
+def masked_scene_image():
+    """glass_scene_masked.png: the same scene, alpha 0 in a square 4 px larger than the shape on each side."""
+    import numpy as np
+    from PIL import Image
+    cx, cy = (round(v) for v in shape_centre(INPUT_SCENE, SIZE))
+    r = 10 + 4  # the large shape's half extent (toy_data.SIZES) plus a margin
+    alpha = np.full((SIZE, SIZE, 1), 255, np.uint8)
+    alpha[cy - r:cy + r, cx - r:cx + r] = 0
+    return Image.fromarray(np.concatenate([draw(INPUT_SCENE, SIZE), alpha], axis=-1), "RGBA")
+
+
+INPUT_IMAGES = {INPUT_IMAGE: scene_image, INPUT_MASKED: masked_scene_image}
+
 WORKFLOWS = {
     "text_to_image": text_to_image,
     "image_to_image": image_to_image,
@@ -290,6 +388,13 @@ WORKFLOWS = {
     "prompt_weighting": prompt_weighting,
     "clip_skip": clip_skip,
     "batch_of_seeds": batch_of_seeds,
+}
+
+
+# Workflows that need a file the user must get: (models subfolder, file name, what it is). Every other workflow
+# runs as shipped, on the built-in model and the shipped input images (tests/test_wheel.py runs them by name).
+USER_FILES = {
+    "inpaint_9channel": [("checkpoints", INPAINT_CHECKPOINT, "the SD 1.5 inpainting checkpoint (9-channel UNet)")],
 }
 
 
@@ -313,9 +418,14 @@ def _dump(data: dict) -> str:
 
 
 def write_all(folder: Path = WORKFLOWS_DIR) -> list[Path]:
+    """Write every workflow in both formats and the input images they load."""
     folder = Path(folder)
     (folder / "api").mkdir(parents=True, exist_ok=True)
+    (folder / "input").mkdir(exist_ok=True)
     written = []
+    for name, make in INPUT_IMAGES.items():
+        make().save(folder / "input" / name, format="PNG", optimize=True)
+        written.append(folder / "input" / name)
     for name in WORKFLOWS:
         g = build(name)
         for path, data in ((folder / f"{name}.json", g.ui()), (folder / "api" / f"{name}.json", g.api())):

@@ -203,7 +203,8 @@ def image_path(node: str, name) -> Path:
         raise NodeInputError(node, "image", f"{e}: images are read from the {kind} folder only") from None
     if not path.is_file():
         kind, root = paths.annotated_folder(name)
-        raise NodeInputError(node, "image", f"no such image file {name!r} in the {kind} folder {root}")
+        hint = " (headless: --input DIR or GLASS_DIFFUSION_INPUT)" if kind == "input" and not paths.comfy_folder_paths() else ""
+        raise NodeInputError(node, "image", f"no such image file {name!r} in the {kind} folder {root}{hint}")
     return path
 
 

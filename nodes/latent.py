@@ -8,11 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from .types import LATENT, MASK, NodeInputError, node_inputs
+from .notes import note
 
 CATEGORY = "Glass Diffusion/latent"
 MAX_RESOLUTION = 16384
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic"]
 CROP_METHODS = ["disabled", "center"]
+EMPTY_MASK = ("the mask is empty (all 0: nothing marked to repaint; an image with no transparent pixels gives this), "
+              "so inpainting will leave the picture as it is")
 
 
 def check_latent(node: str, name: str, latent) -> torch.Tensor:
@@ -28,6 +31,14 @@ def check_mask(node: str, name: str, mask) -> torch.Tensor:
     from ..sd_core.pixels import check_mask as check
     with node_inputs(node):
         return check(mask, name)
+
+
+def note_rounding(node: str, width: int, height: int) -> None:
+    """A note when a size in pixels is not a multiple of 8: the latent (1/8 of it) covers the size rounded down."""
+    for name, v in (("width", width), ("height", height)):
+        if v % 8:
+            note(node, name, f"{v} px is not a multiple of 8; the latent is {v // 8} wide, so the picture will be "
+                             f"{v // 8 * 8} px")
 
 
 def resize(samples: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
@@ -65,6 +76,7 @@ class GlassEmptyLatent:
                 raise NodeInputError("GlassEmptyLatent", name, f"must be at least 8 pixels, got {v}")
         if batch_size < 1:
             raise NodeInputError("GlassEmptyLatent", "batch_size", f"must be at least 1, got {batch_size}")
+        note_rounding("GlassEmptyLatent", width, height)
         return ({"samples": torch.zeros(batch_size, 4, height // 8, width // 8)},)
 
 
@@ -102,6 +114,7 @@ class GlassLatentUpscale:
         elif height == 0:
             height = round(h * width / w)
         width, height = max(64, width), max(64, height)
+        note_rounding(node, width, height)
         out = dict(samples)
         out["samples"] = resize(x, width // 8, height // 8, upscale_method, crop)
         return (out,)
@@ -124,6 +137,8 @@ class GlassSetNoiseMask:
     def set_mask(self, samples, mask):
         check_latent("GlassSetNoiseMask", "samples", samples)
         mask = check_mask("GlassSetNoiseMask", "mask", mask)
+        if not mask.any():
+            note("GlassSetNoiseMask", "mask", EMPTY_MASK)
         out = dict(samples)
         out["noise_mask"] = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float()
         return (out,)

@@ -70,7 +70,19 @@ def checkpoint_path(node: str, ckpt_name: str) -> Path:
     from ..sd_core import builtin
     if ckpt_name == builtin.NAME:
         return builtin.CHECKPOINT
-    return _resolve(node, "ckpt_name", "checkpoints", ckpt_name)
+    path = paths.full_path("checkpoints", ckpt_name)
+    if path is None:
+        raise NodeInputError(node, "ckpt_name", missing_checkpoint(ckpt_name))
+    return path
+
+
+def missing_checkpoint(ckpt_name: str) -> str:
+    """What to do about a checkpoint name the folder lacks: the file to get, the folder to put it in, and the
+    choices there are (the built-in model and the folder's model files, nothing else)."""
+    where = "ComfyUI's models/checkpoints folder" if paths.comfy_folder_paths() else str(paths.folder("checkpoints"))
+    choices = ", ".join(repr(n) for n in checkpoint_names())
+    return (f"no checkpoint {ckpt_name!r} in {where}: get that file and put it there (headless: --models DIR "
+            f"names the folder holding checkpoints/), or choose one of: {choices}")
 
 
 class GlassCheckpointLoader:
@@ -84,6 +96,14 @@ class GlassCheckpointLoader:
                           "shape prompts ('a red circle on a blue background') and works at 64x64."}),
             "weight_dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, ckpt_name):
+        """Instead of a bare 'not in the list': the file to get and where to put it (also inside ComfyUI)."""
+        from ..sd_core import builtin
+        if ckpt_name == builtin.NAME or paths.full_path("checkpoints", ckpt_name) is not None:
+            return True
+        return missing_checkpoint(ckpt_name)
 
     RETURN_TYPES = (GLASS_UNET, GLASS_CLIP, GLASS_VAE)
     RETURN_NAMES = ("unet", "clip", "vae")

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from . import shipped
+
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FOLDER_KINDS = ("checkpoints", "vae", "embeddings")
@@ -142,10 +144,11 @@ def embeddings_dir() -> Optional[str]:
 
 
 def list_input_images() -> list[str]:
+    """The input folder's images, plus the images the shipped workflows load (nodes/shipped.py)."""
     root = input_dir()
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    names = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS] \
+        if root.is_dir() else []
+    return sorted(set(names) | set(shipped.input_names()))
 
 
 class OutsideFolderError(ValueError):
@@ -177,6 +180,13 @@ def inside(root: Path, name: str) -> Path:
 
 
 def annotated_image_path(name: str) -> Path:
+    """As _annotated_image_path; a plain name the input folder lacks that names an image of the shipped workflows
+    (nodes/shipped.py) is that packaged file, so the shipped workflows run with an empty input folder."""
+    path = _annotated_image_path(name)
+    return path if path.is_file() else (shipped.find_input(name) or path)
+
+
+def _annotated_image_path(name: str) -> Path:
     """Resolve an image name as LoadImage does: 'x.png' (or 'sub/x.png') is in the input folder; 'x.png [output]'
     and 'x.png [temp]' name the output and temp folders. Inside ComfyUI these are ComfyUI's folders.
     OutsideFolderError for a name that leaves its folder (headless and inside ComfyUI alike)."""

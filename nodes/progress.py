@@ -19,6 +19,9 @@ import threading
 from contextvars import ContextVar
 from typing import Callable, Iterator, Optional
 
+# Headless and not on a terminal (tqdm draws nothing there): one plain "desc: step i/n" line per step on stderr.
+# Off for library callers; the CLI turns it on.
+plain_lines: ContextVar[bool] = ContextVar("glass_diffusion_plain_progress", default=False)
 PREVIEW_MAX_SIZE = 512
 _process_cancel = threading.Event()  # the flag outside any cancel_scope
 _cancel: ContextVar[threading.Event] = ContextVar("glass_cancel")
@@ -123,6 +126,7 @@ class ProgressBar:
         else:
             from tqdm import tqdm
             self._tqdm = tqdm(total=total, desc=desc, leave=False, disable=None)
+            self._lines = (desc or "progress") if plain_lines.get() and self._tqdm.disable else None
 
     def update_absolute(self, value: int, total: int | None = None, preview=None) -> None:
         check_cancel()
@@ -135,6 +139,8 @@ class ProgressBar:
         else:
             self._tqdm.total = self.total
             self._tqdm.update(value - self.current)
+            if self._lines is not None and value > self.current:
+                print(f"{self._lines}: step {value}/{self.total}", file=sys.stderr, flush=True)
             hook = _preview_hook.get()
             if preview is not None and hook is not None:
                 hook(preview, value, self.total)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .types import CONDITIONING, GLASS_CLIP, GlassCLIP, NodeInputError, node_inputs
+from .notes import note
 
 CATEGORY = "Glass Diffusion/text"
 WEIGHTINGS = ("comfy", "a1111")  # sd_core.conditioning.WEIGHTINGS (a test checks they agree)
@@ -12,6 +13,16 @@ def check_clip(node: str, clip) -> GlassCLIP:
         raise NodeInputError(node, "clip", f"expected a GLASS_CLIP (from a Glass checkpoint loader), got "
                                            f"{type(clip).__name__}")
     return clip
+
+
+def note_unknown_words(node: str, clip: GlassCLIP, text: str) -> None:
+    """The built-in model knows only its toy grammar: a note listing the prompt's words its vocabulary lacks."""
+    from ..sd_core import builtin
+    unknown = clip.tokenizer.unknown_words(text) if clip.source == builtin.NAME else []
+    if unknown:
+        note(node, "text", f"the built-in model does not know the word{'s' * (len(unknown) > 1)} "
+                           f"{', '.join(map(repr, unknown))}; it knows only prompts such as "
+                           f"{builtin.EXAMPLE_PROMPTS[0]!r} (see its model card), so the picture will not follow them")
 
 
 class GlassTextEncode:
@@ -50,6 +61,7 @@ class GlassTextEncode:
                 raise
             except (ValueError, FileNotFoundError, KeyError) as e:  # bad weight syntax, unknown embedding, ...
                 raise NodeInputError(node, "text", str(e)) from e
+        note_unknown_words(node, clip, text)
         return (cond,)
 
 

@@ -6,7 +6,8 @@ IMAGE [B, H, W, 3] in 0..1 <-> VAE input [B, 3, H, W] in -1..1. LATENTs are the 
 from __future__ import annotations
 
 from . import progress
-from .latent import check_latent
+from .latent import EMPTY_MASK, check_latent
+from .notes import note
 from .types import GLASS_VAE, IMAGE, LATENT, MASK, GlassVAE, NodeInputError, node_inputs
 
 CATEGORY = "Glass Diffusion/vae"
@@ -24,6 +25,15 @@ def _tile_progress(count: int):
         return None, None
     bar = progress.ProgressBar(count, desc="tiles")
     return bar, lambda: bar.update(1)
+
+
+def note_crop(node: str, pixels, multiple: int):
+    """A note when an IMAGE [B, H, W, C] is not a multiple of `multiple` pixels: encoding keeps its centre."""
+    h, w = pixels.shape[1] // multiple * multiple, pixels.shape[2] // multiple * multiple
+    if (h, w) != tuple(pixels.shape[1:3]):
+        note(node, "pixels", f"{pixels.shape[2]}x{pixels.shape[1]} px is not a multiple of {multiple}; "
+                             f"the centre {w}x{h} px are encoded")
+    return pixels
 
 
 class GlassVAEEncode:
@@ -45,7 +55,8 @@ class GlassVAEEncode:
         node = "GlassVAEEncode"
         vae = check_vae(node, vae)
         with node_inputs(node):
-            pixels = px.crop_to_multiple(px.check_image(pixels, "pixels", vae.downscale), vae.downscale)
+            pixels = px.crop_to_multiple(note_crop(node, px.check_image(pixels, "pixels", vae.downscale),
+                                                   vae.downscale), vae.downscale)
         return ({"samples": px.encode_pixels(vae.model, pixels)},)
 
 
@@ -99,6 +110,7 @@ class GlassVAEEncodeTiled:
         node = "GlassVAEEncodeTiled"
         vae = check_vae(node, vae)
         with node_inputs(node):
+            note_crop(node, px.check_image(pixels), vae.downscale)
             bar, on_tile = _tile_progress(px.tiles_of(px.check_image(pixels).shape, tile_size, overlap,
                                                       vae.downscale, pixel_space=True))
             try:
@@ -160,7 +172,10 @@ class GlassVAEEncodeForInpaint:
         from ..sd_core import pixels as px
         node = "GlassVAEEncodeForInpaint"
         vae = check_vae(node, vae)
+        if hasattr(mask, "any") and not mask.any():  # a MASK tensor with nothing to repaint
+            note(node, "mask", EMPTY_MASK)
         with node_inputs(node):
+            note_crop(node, px.check_image(pixels), vae.downscale)
             pixels, noise_mask = px.prepare_inpaint(pixels, mask, vae.downscale, grow_mask_by)
         return ({"samples": px.encode_pixels(vae.model, pixels), "noise_mask": noise_mask},)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import shipped
 from .errors import GraphError, GraphValidationError, suggest
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
@@ -166,8 +167,9 @@ def read_png_text(path) -> dict[str, str]:
 
 
 def load_workflow(path) -> Workflow:
-    """Load a workflow from a JSON file (either format) or a PNG carrying ``prompt`` / ``workflow``."""
-    path = Path(path)
+    """Load a workflow from a JSON file (either format) or a PNG carrying ``prompt`` / ``workflow``; a path that
+    does not exist may name a shipped workflow ("text_to_image", "workflows/text_to_image.json": nodes/shipped.py)."""
+    path = shipped.resolve_workflow(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such workflow file")
     if path.stat().st_size > MAX_WORKFLOW_BYTES:

@@ -336,6 +336,12 @@ class CLIPTokenizer:
             return self._tok.normalizer.normalize_str(text)
         return "".join(c if c in self._special_ids else comfyui_clean(c) for c in _SPECIAL_SPLIT.split(text))
 
+    def unknown_words(self, text: str) -> list:
+        """The words of `text` (runs of letters, after clean-up) that are not one whole token of this vocabulary,
+        in order, each once. A small vocabulary (the built-in model's) knows such a word only by its pieces."""
+        pieces = [p for p, _ in self._split.pre_tokenize_str(self.clean(text))]
+        return [p for p in dict.fromkeys(pieces) if p.isalpha() and p + "</w>" not in self.vocab]
+
     def tokens(self, text: str) -> list:
         """The BPE token strings of `text` (for inspection and error messages)."""
         return [self._id_to_token[i] for i in self.encode(text)]

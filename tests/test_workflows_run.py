@@ -9,7 +9,8 @@ from PIL import Image
 
 from glass_diffusion.nodes import cli, progress
 from glass_diffusion.nodes import image as image_nodes
-from glass_diffusion.nodes.example_workflows import CHECKPOINT, INPAINT_CHECKPOINT, PACK_ID, WORKFLOWS, build
+from glass_diffusion.nodes.example_workflows import (CHECKPOINT, INPAINT_CHECKPOINT, INPUT_IMAGE, PACK_ID,
+                                                     USER_FILES, WORKFLOWS, build, node_size)
 from glass_diffusion.nodes.executor import Executor, NodeExecutionError, run_workflow
 from glass_diffusion.nodes.registry import NODE_CLASS_MAPPINGS
 from glass_diffusion.nodes.workflow import convert_ui_to_api, load_workflow
@@ -60,25 +61,51 @@ def test_ui_format_names_the_pack(name):
         assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
 
 
+def _box(node, title_bar=30):
+    """A node's rectangle in the editor, title bar included: (left, top, right, bottom)."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - title_bar, x + w, y + h
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_ui_layout_is_readable_at_the_default_view(name):
-    """In the real editor (frontend 1.35) a node at y=40 had its title bar under the tab bar and one at x=40 under
-    the side bar; a DenoiseSteps node (6 sockets + 6 widget rows) ran into the node below at 300 px per row, and so
-    did a LoadImage node once the editor showed the picture in it."""
+def test_ui_layout_reads_left_to_right_at_the_default_view(name):
+    """As ComfyUI's default graph: every link runs left to right; no node overlaps another; node bodies are as
+    small as the editor draws them (no large empty bodies); the top-left title bar clears the editor's menu and
+    workflow tabs (in frontend 1.35 at 1600x1000 a title at y=70 sat under the workflow-name bar) and side bar;
+    a graph with stages has titled groups around them, clear of each other and of the other nodes."""
     ui = _load(WORKFLOWS_DIR / f"{name}.json")
     assert ui["extra"]["ds"] == {"scale": 1.0, "offset": [0, 0]}
-    title_bar, tab_bar, side_bar, socket_row, widget_row, padding, image_preview = 30, 40, 60, 20, 24, 10, 260
-    for node in ui["nodes"]:
-        x, y = node["pos"]
-        assert x >= side_bar and y - title_bar >= tab_bar, (node["type"], node["pos"])
-    for a in ui["nodes"]:
-        body = max(len(a["inputs"]), len(a["outputs"])) * socket_row + len(a["widgets_values"]) * widget_row + padding
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    side_bar, top_bars = 60, 140
+    for n in nodes.values():
+        left, top, _, _ = _box(n)
+        assert left >= side_bar and top >= top_bars, (n["type"], n["pos"])
+    for _, src, _, dst, _, _ in ui["links"]:
+        assert _box(nodes[src])[2] < _box(nodes[dst])[0], (nodes[src].get("title"), nodes[dst].get("title"))
+    for a in nodes.values():
         required = NODE_CLASS_MAPPINGS[a["type"]].INPUT_TYPES()["required"]
-        if any(len(spec) > 1 and spec[1].get("image_upload") for spec in required.values()):
-            body += image_preview
-        for b in ui["nodes"]:
-            if b is not a and b["pos"][0] == a["pos"][0] and b["pos"][1] > a["pos"][1]:
-                assert b["pos"][1] - title_bar - a["pos"][1] >= body, (a["type"], b["type"])
+        multiline = any(len(s) > 1 and s[1].get("multiline") for s in required.values())
+        image = any(len(s) > 1 and s[1].get("image_upload") for s in required.values())
+        rows = max(len(a["inputs"]), len(a["outputs"]))
+        assert a["size"] == node_size(rows, len(a["widgets_values"]), multiline, image), a["type"]
+        for b in nodes.values():
+            assert a is b or not _overlap(_box(a), _box(b)), (a.get("title"), b.get("title"))
+    groups = ui["groups"]
+    if name in ("hires_fix", "step_by_step"):
+        assert len(groups) >= 2
+    for g in groups:
+        x, y, w, h = g["bounding"]
+        box = (x, y, x + w, y + h)
+        inside = [n for n in nodes.values() if _overlap(box, _box(n))]
+        assert inside and all(box[0] <= _box(n)[0] and _box(n)[2] <= box[2] and box[1] + 30 <= _box(n)[1]
+                              and _box(n)[3] <= box[3] for n in inside), g["title"]  # wholly inside, below the title
+        for other in groups:
+            ox, oy, ow, oh = other["bounding"]
+            assert other is g or not _overlap(box, (ox, oy, ox + ow, oy + oh)), (g["title"], other["title"])
 
 
 def _check_outputs(name, out, chunks=("prompt", "workflow")):
@@ -260,18 +287,22 @@ def test_saving_twice_never_overwrites_and_a_run_leaves_exactly_its_files(tmp_pa
 
 
 def test_cli_input_folder(tmp_path_factory, tmp_path, capsys):
-    """--input names the folder image loaders read (validate and run); without it, the settings' folder."""
+    """--input names the folder image loaders read (validate and run); without it, the settings' folder. A name
+    neither there nor among the shipped images is refused, naming the folder searched and --input."""
     env = tiny_env(tmp_path_factory)
     wf = str(WORKFLOWS_DIR / "image_to_image.json")
     sets = [x for k, v in TINY_OVERRIDES["image_to_image"].items() for x in ("--set", f"{k}={json.dumps(v)}")]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert cli.main(["validate", wf, "--models", str(env.models), "--input", str(env.input)]) == cli.OK
-    assert cli.main(["validate", wf, "--models", str(env.models), "--input", str(empty)]) == cli.INVALID
-    assert "no such image file" in capsys.readouterr().err
+    (env.input / "mine.png").write_bytes((env.input / INPUT_IMAGE).read_bytes())
+    mine = ["--set", "Load Image.image=mine.png"]
+    assert cli.main(["validate", wf, "--models", str(env.models), "--input", str(env.input), *mine]) == cli.OK
+    assert cli.main(["validate", wf, "--models", str(env.models), "--input", str(empty), *mine]) == cli.INVALID
+    err = capsys.readouterr().err
+    assert "no such image file: 'mine.png'" in err and str(empty) in err and "--input" in err
     out = tmp_path / "out"
     assert cli.main(["run", wf, "--models", str(env.models), "--input", str(empty), "--output", str(out),
-                     "--device", "cpu", *sets]) == cli.INVALID
+                     "--device", "cpu", *sets, *mine]) == cli.INVALID
     assert cli.main(["run", wf, "--models", str(env.models), "--input", str(env.input), "--output", str(out),
                      "--device", "cpu", *sets]) == cli.OK
     assert [p.name for p in saved_pngs(out)] == ["img2img_00001_.png"]
@@ -279,22 +310,22 @@ def test_cli_input_folder(tmp_path_factory, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------- on the built-in model, as shipped
 
-BUILTIN_NAMES = [n for n in NAMES if n != "inpaint_9channel"]  # needs a 9-channel model, which does not ship
+BUILTIN_NAMES = [n for n in NAMES if n not in USER_FILES]  # inpaint_9channel needs a 9-channel model (not shipped)
 
 
 @pytest.fixture(scope="module")
 def no_models(tmp_path_factory, request):
-    """Runtime settings with an EMPTY models folder (the built-in model needs none), the test input image."""
+    """Runtime settings with EMPTY models and input folders: the built-in model and the shipped input images."""
     import contextlib
 
     from glass_diffusion.nodes import runtime
 
-    env = tiny_env(tmp_path_factory)
     models = tmp_path_factory.mktemp("empty_models")
+    inputs = tmp_path_factory.mktemp("empty_input")
 
     @contextlib.contextmanager
     def settings(out):
-        with runtime.settings_override(models_dir=models, input_dir=env.input, output_dir=out, device="cpu",
+        with runtime.settings_override(models_dir=models, input_dir=inputs, output_dir=out, device="cpu",
                                        dtype="auto"):
             yield
     return settings
@@ -323,10 +354,13 @@ def test_runs_on_the_builtin_model_with_no_models_folder(name, no_models, tmp_pa
             assert np.asarray(im).std() > 5  # a picture, not a blank
     assert {n["inputs"]["ckpt_name"] for n in result.prompt.values()
             if n["class_type"] == "GlassCheckpointLoader"} == {"glass-tiny (built-in)"}
-    if name in ("text_to_image", "hires_fix"):  # "a red circle in the center on a blue background"
+    expected = {"text_to_image": "red", "hires_fix": "red",  # "a red circle in the center on a blue background"
+                "image_to_image": "green",  # the shipped red circle on blue, towards "a large green square ..."
+                "inpaint_noise_mask": "purple"}  # its transparent square repainted: "a large purple circle ..."
+    if name in expected:
         from _scorer import analyse
         got = analyse(np.asarray(Image.open(files[0]).convert("RGB").resize((64, 64), Image.BILINEAR)))
-        assert (got["colour"], got["background"], got["row"], got["col"]) == ("red", "blue", 1, 1), got
+        assert (got["colour"], got["background"], got["row"], got["col"]) == (expected[name], "blue", 1, 1), got
 
 
 def test_generate_command_writes_one_png_per_prompt(tmp_path, tmp_path_factory, capsys, monkeypatch):
@@ -343,8 +377,9 @@ def test_generate_command_writes_one_png_per_prompt(tmp_path, tmp_path_factory, 
     assert rc == cli.OK
     printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     files = saved_pngs(out)
-    assert printed == [str(p) for p in files] and [p.name for p in files] == ["txt2img_00001_.png",
-                                                                               "txt2img_00002_.png"]
+    assert [p.name for p in files] == ["txt2img_00001_.png", "txt2img_00002_.png"]
+    assert printed == [f'{files[0]}  seed 3  "a large green square at the top left on a white background"',
+                       f'{files[1]}  seed 3  "a red circle"']  # per file: the seed and prompt it shows
     wf = load_workflow(files[0])
     sampler = [n["inputs"] for n in wf.api.values() if n["class_type"] == "GlassKSampler"][0]
     assert (sampler["seed"], sampler["steps"], sampler["cfg"]) == (3, 12, 4.0)
