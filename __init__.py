@@ -7,6 +7,11 @@ it builds no model. The node mappings are imported on first use (PEP 562 module 
 so the command line starts without loading torch and can answer a Ctrl-C at any moment with one line.
 """
 
+from .nodes import paths as _paths, shipped as _shipped  # noqa: E402
+
+if _paths.comfy_folder_paths() is not None:  # inside ComfyUI: the shipped workflows' pictures, for the editor
+    _shipped.copy_inputs_into(_paths.input_dir())
+
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
 
 

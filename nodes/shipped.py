@@ -55,6 +55,25 @@ def input_names() -> list[str]:
     return sorted(p.name for p in INPUTS_DIR.glob("*.png")) if INPUTS_DIR.is_dir() else []
 
 
+def copy_inputs_into(folder) -> list[Path]:
+    """Copy the shipped input images that `folder` lacks into it (never replacing a file); the copies made.
+    Inside ComfyUI the pack does this once for ComfyUI's input folder, so that the editor's Load Image node can
+    show the picture (it asks the server for the file in the input folder); running needs no copy."""
+    import shutil
+    made = []
+    folder = Path(folder)
+    for name in input_names():
+        target = folder / name
+        if not target.exists():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(INPUTS_DIR / name, target)
+            except OSError:  # a read-only input folder: the package's copy still serves runs
+                continue
+            made.append(target)
+    return made
+
+
 def find_input(name: str) -> Optional[Path]:
     """The shipped input image of that bare file name (no folder part), or None."""
     if not isinstance(name, str) or name not in input_names():

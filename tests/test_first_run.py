@@ -208,3 +208,13 @@ def test_generate_prints_the_unknown_words_the_progress_and_what_each_file_shows
                                                                                "GlassKSampler: step 2/2"] * 2
     assert "[1/2] a red lighthouse" in err and "[2/2] a blue circle" in err
     assert json.loads(json.dumps(err[-1])).startswith("2 pictures in ")
+
+
+def test_shipped_inputs_are_copied_into_a_folder_only_where_missing(tmp_path):
+    """What the pack does for ComfyUI's input folder at start-up (the editor previews Load Image from there)."""
+    (tmp_path / INPUT_IMAGE).write_bytes(b"mine")
+    made = shipped.copy_inputs_into(tmp_path)
+    assert made == [tmp_path / n for n in sorted(INPUT_IMAGES) if n != INPUT_IMAGE]
+    assert (tmp_path / INPUT_IMAGE).read_bytes() == b"mine"  # never replaced
+    assert (tmp_path / INPUT_MASKED).read_bytes() == (shipped.INPUTS_DIR / INPUT_MASKED).read_bytes()
+    assert shipped.copy_inputs_into(tmp_path) == []
