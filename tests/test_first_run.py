@@ -218,3 +218,18 @@ def test_shipped_inputs_are_copied_into_a_folder_only_where_missing(tmp_path):
     assert (tmp_path / INPUT_IMAGE).read_bytes() == b"mine"  # never replaced
     assert (tmp_path / INPUT_MASKED).read_bytes() == (shipped.INPUTS_DIR / INPUT_MASKED).read_bytes()
     assert shipped.copy_inputs_into(tmp_path) == []
+
+
+def test_user_folders_are_git_ignored_and_the_license_is_mit():
+    """input/, output/, models/ of a run inside a clone never show up as changes; LICENSE is what pyproject says."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    assert "MIT License" in (repo / "LICENSE").read_text(encoding="utf-8")
+    assert 'license = "MIT"' in (repo / "pyproject.toml").read_text(encoding="utf-8")
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("input/mine.png", "output/txt2img_00001_.png", "models/checkpoints/x.safetensors"):
+        assert subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", path]).returncode == 0, path
+    assert subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", "workflows/input/glass_scene.png"]).returncode == 1
