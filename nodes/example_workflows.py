@@ -394,7 +394,7 @@ WORKFLOWS = {
 # Workflows that need a file the user must get: (models subfolder, file name, what it is). Every other workflow
 # runs as shipped, on the built-in model and the shipped input images (tests/test_wheel.py runs them by name).
 USER_FILES = {
-    "inpaint_9channel": [("checkpoints", INPAINT_CHECKPOINT, "the SD 1.5 inpainting checkpoint (9-channel UNet)")],
+    "inpaint_9channel": [("checkpoints", INPAINT_CHECKPOINT, "the SD 1.5 inpainting checkpoint, 9-channel UNet")],
 }
 
 
