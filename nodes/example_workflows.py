@@ -38,7 +38,7 @@ WORKFLOWS_DIR = shipped.WORKFLOWS_DIR
 # columns follow the data flow left to right as in ComfyUI's default graph, each node in the column after its
 # latest input (a node with no inputs in the column before its first consumer); titled groups are horizontal bands.
 ORIGIN = (70, 180)  # the first body: its title clear of the editor's menu, workflow tabs and side bar
-TITLE, GAP, COLUMN_GAP, GROUP_PAD, GROUP_TITLE = 30, 30, 40, 10, 36
+TITLE, GAP, COLUMN_GAP, GROUP_PAD, GROUP_TITLE = 30, 30, 40, 10, 56  # group title: its text, then the badges
 SOCKET_ROW, WIDGET_ROW = 20, 24
 
 
@@ -330,7 +330,8 @@ def prompt_weighting(g: Graph):
         pos = g.add("GlassTextEncode", f"Positive ({mode})", clip=loader[1], text=prompt, weighting=mode)
         ks = _ksampler(g, f"Sampler ({mode})", loader, pos, neg, empty[0])
         image = g.add("GlassVAEDecode", f"Decode ({mode})", samples=ks[0], vae=loader[2])
-        g.add("GlassSaveImage", f"Save ({mode})", images=image[0], filename_prefix=f"weighting_{mode}")
+        save = g.add("GlassSaveImage", f"Save ({mode})", images=image[0], filename_prefix=f"weighting_{mode}")
+        g.group({"comfy": "ComfyUI weighting", "a1111": "AUTOMATIC1111 weighting"}[mode], pos, ks, image, save)
 
 
 def clip_skip(g: Graph):
@@ -344,7 +345,9 @@ def clip_skip(g: Graph):
         neg = g.add("GlassTextEncode", f"Negative ({layer})", clip=clip[0], text=NEGATIVE, weighting="comfy")
         ks = _ksampler(g, f"Sampler ({layer})", loader, pos, neg, empty[0])
         image = g.add("GlassVAEDecode", f"Decode ({layer})", samples=ks[0], vae=loader[2])
-        g.add("GlassSaveImage", f"Save ({layer})", images=image[0], filename_prefix=f"clipskip{-layer}")
+        save = g.add("GlassSaveImage", f"Save ({layer})", images=image[0], filename_prefix=f"clipskip{-layer}")
+        g.group("Last CLIP layer (-1)" if layer == -1 else "Penultimate CLIP layer (-2: clip skip 2)",
+                clip, pos, neg, ks, image, save)
 
 
 def batch_of_seeds(g: Graph):
