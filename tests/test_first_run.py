@@ -49,7 +49,7 @@ def test_cli_runs_a_shipped_workflow_by_name_and_lists_them(tmp_path, monkeypatc
     listing = capsys.readouterr().out
     for name in WORKFLOWS:
         assert f"\n{name}\n" in f"\n{listing}"
-    for name, needs in USER_FILES.items():
+    for needs in USER_FILES.values():
         assert all(f"needs {folder}/{file}" in listing for folder, file, _ in needs)
     assert cli.main(["run", "text_to_image", "--set", "Sampler.steps=2", "--device", "cpu"]) == cli.OK
     assert cli.main(["validate", "workflows/api/batch_of_seeds.json"]) == cli.OK
