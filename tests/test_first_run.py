@@ -110,9 +110,12 @@ def test_load_image_takes_the_input_folder_first_then_the_shipped_image(tmp_path
         Image.new("RGB", (16, 8), (0, 255, 0)).save(tmp_path / INPUT_IMAGE)
         image, mask = call("GlassLoadImage", image=INPUT_IMAGE)  # the user's file of that name wins
         assert image.shape == (1, 8, 16, 3) and float(image[0, 0, 0, 1]) == 1.0
-        for name in (f"../input/{INPUT_MASKED}", f"{INPUT_MASKED} [output]", "nope.png"):
+        for name in (f"{INPUT_MASKED} [output]", f"sub/{INPUT_MASKED}", "nope.png"):  # only plain shipped names
             assert paths.annotated_image_path(name) != shipped.INPUTS_DIR / INPUT_MASKED
-        assert "no such image file: 'nope.png'" in N["GlassLoadImage"].VALIDATE_INPUTS(image="nope.png")
+        with pytest.raises(paths.OutsideFolderError):  # a name leaving the folder never falls back
+            paths.annotated_image_path(f"../input/{INPUT_MASKED}")
+        message = N["GlassLoadImage"].VALIDATE_INPUTS(image="nope.png")
+        assert f"no such image file 'nope.png' in the input folder {tmp_path}" in message and "--input" in message
 
 
 # ------------------------------------------------------------------------------ notes instead of silence

@@ -299,7 +299,7 @@ def test_cli_input_folder(tmp_path_factory, tmp_path, capsys):
     assert cli.main(["validate", wf, "--models", str(env.models), "--input", str(env.input), *mine]) == cli.OK
     assert cli.main(["validate", wf, "--models", str(env.models), "--input", str(empty), *mine]) == cli.INVALID
     err = capsys.readouterr().err
-    assert "no such image file: 'mine.png'" in err and str(empty) in err and "--input" in err
+    assert "no such image file 'mine.png'" in err and str(empty) in err and "--input" in err
     out = tmp_path / "out"
     assert cli.main(["run", wf, "--models", str(env.models), "--input", str(empty), "--output", str(out),
                      "--device", "cpu", *sets, *mine]) == cli.INVALID
