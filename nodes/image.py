@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
-from . import outputs, paths
+from . import infotext, outputs, paths
 from .types import IMAGE, MASK, NodeInputError
 
 CATEGORY = "Glass Diffusion/image"
@@ -87,11 +87,13 @@ def _metadata_disabled() -> bool:
 
 
 def save_images(images: torch.Tensor, filename_prefix: str, root: Path, *, node: str, prompt=None,
-                extra_pnginfo=None, compress_level: int = 4, folder_type: str = "output") -> list[dict]:
+                extra_pnginfo=None, compress_level: int = 4, folder_type: str = "output",
+                unique_id=None) -> list[dict]:
     """Write each image as '<prefix>_<NNNNN>_.png' under root, never replacing a file; returns the ui entries.
 
     tEXt chunks as ComfyUI writes them: 'prompt' = JSON of the API graph, then one chunk per
-    extra_pnginfo key (in practice 'workflow' = the UI graph). The files are staged in the run's output
+    extra_pnginfo key (in practice 'workflow' = the UI graph), and AUTOMATIC1111's 'parameters' text for
+    the sampler feeding node unique_id (nodes/infotext.py). The files are staged in the run's output
     transaction (nodes/outputs.py) and appear only when the whole run succeeds; without one (inside
     ComfyUI) in a transaction of this call: they appear when it returns, all or none.
     """
@@ -124,6 +126,9 @@ def save_images(images: torch.Tensor, filename_prefix: str, root: Path, *, node:
         metadata.add_text("prompt", json.dumps(prompt))
     for key, value in (extra_pnginfo or {}).items():
         metadata.add_text(key, json.dumps(value))
+    parameters = infotext.a1111_parameters(prompt, unique_id, images.shape[2], images.shape[1])
+    if parameters:
+        metadata.add_text("parameters", parameters)
 
     results = []
     with contextlib.ExitStack() as stack:
@@ -248,7 +253,7 @@ class GlassSaveImage:
                                     "%day%, %hour%, %minute%, %second%, %batch_num%. Files are numbered "
                                     "<prefix>_00001_.png and never overwritten."}),
             },
-            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"},
         }
 
     RETURN_TYPES = ()
@@ -263,9 +268,9 @@ class GlassSaveImage:
         problem = None if filename_prefix is None else check_prefix(filename_prefix)  # None: a link
         return True if problem is None else problem
 
-    def save(self, images, filename_prefix="Glass", prompt=None, extra_pnginfo=None):
+    def save(self, images, filename_prefix="Glass", prompt=None, extra_pnginfo=None, unique_id=None):
         results = save_images(images, filename_prefix, paths.output_dir(), node="GlassSaveImage",
-                              prompt=prompt, extra_pnginfo=extra_pnginfo)
+                              prompt=prompt, extra_pnginfo=extra_pnginfo, unique_id=unique_id)
         return {"ui": {"images": results}}
 
 

@@ -1,8 +1,8 @@
 """Model, input and output folders.
 
 Inside ComfyUI these are ComfyUI's own (``folder_paths``), so the loaders list the files of the user's
-models/checkpoints, models/vae, models/embeddings. Headless they come from the runtime settings
-(nodes/runtime.py): a models folder of the same layout (``checkpoints/``, ``vae/``, ``embeddings/``),
+models/checkpoints, models/vae, models/embeddings, models/loras. Headless they come from the runtime settings
+(nodes/runtime.py): a models folder of the same layout (``checkpoints/``, ``vae/``, ``embeddings/``, ``loras/``),
 an input folder and an output folder.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from . import shipped
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-FOLDER_KINDS = ("checkpoints", "vae", "embeddings")
+FOLDER_KINDS = ("checkpoints", "vae", "embeddings", "loras")
 
 
 def comfy_folder_paths():

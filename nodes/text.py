@@ -55,7 +55,7 @@ class GlassTextEncode:
         # the clip skip and the tokenizer travel in the clip input; the prompt's own problems are the text's
         with node_inputs(node, clip_skip="clip", tokenizer="clip", windows="text"):
             try:
-                cond = encode_prompt(clip.model, clip.tokenizer, text, clip_skip=clip.clip_skip,
+                cond = encode_prompt(clip.patched_model(), clip.tokenizer, text, clip_skip=clip.clip_skip,
                                      weighting=weighting, embeddings_dir=clip.embeddings_dir)
             except ParamError:
                 raise

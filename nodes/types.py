@@ -123,6 +123,16 @@ class GlassCLIP:
     clip_skip: int = -1               # -1 = last layer, -2 = penultimate (final LayerNorm applied)
     embeddings_dir: Optional[str] = None
     source: str = ""
+    patches: tuple = ()               # sd_core.lora.LoraPatch, applied in order when encoding
+
+    def with_patches(self, patches) -> "GlassCLIP":
+        """A copy with these weight patches; the loaded weights are shared, never changed."""
+        return dataclasses.replace(self, patches=tuple(patches))
+
+    def patched_model(self) -> torch.nn.Module:
+        """The text encoder with the patches applied (a copy-on-write view, computed once per handle)."""
+        from ..sd_core.lora import view_for
+        return view_for(self, self.model, self.patches)
 
     def __repr__(self) -> str:
         return f"GlassCLIP({self.source or 'unnamed'}, clip_skip={self.clip_skip}, {_describe(self.model)})"

@@ -101,10 +101,11 @@ class DiffusionModel:
     # ---- evaluation
     def apply(self, x_in: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, **extra) -> torch.Tensor:
         """The raw network output for an already scaled input (the one place the UNet is called)."""
-        if self.patches:
-            raise NotImplementedError("this handle carries weight patches, but no patch code is installed to "
-                                      "apply them")
-        return self.unet(x_in, timesteps, context, **extra)
+        unet = self.unet
+        if self.patches:  # LoRA: a copy-on-write view with the patched weights, computed once per handle
+            from .lora import view_for
+            unet = view_for(self, self.unet, self.patches)
+        return unet(x_in, timesteps, context, **extra)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, concat=None,
                 dtype: torch.dtype | None = None, **extra) -> torch.Tensor:
