@@ -381,6 +381,22 @@ def masked_scene_image():
 
 INPUT_IMAGES = {INPUT_IMAGE: scene_image, INPUT_MASKED: masked_scene_image}
 
+def lora(g: Graph):
+    """The built-in LoRA teaches glass-tiny the shape word 'bar': the same prompt and seed with the LoRA (Load LoRA, strength 1) and without it, side by side."""
+    loader = g.add("GlassCheckpointLoader", "Checkpoint", ckpt_name=BUILTIN, weight_dtype="auto")
+    patched = g.add("GlassLoraLoader", "LoRA", unet=loader[0], clip=loader[1], lora_name="glass-tiny-bar (built-in)",
+                    strength_model=1.0, strength_clip=1.0)
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=SIZE, height=SIZE, batch_size=1)
+    for tag, unet, clip in (("LoRA", patched[0], patched[1]), ("plain", loader[0], loader[1])):
+        pos = g.add("GlassTextEncode", f"Positive ({tag})", clip=clip, text="a large red bar in the center on a "
+                    "blue background", weighting="comfy")
+        neg = g.add("GlassTextEncode", f"Negative ({tag})", clip=clip, text=NEGATIVE, weighting="comfy")
+        ks = g.add("GlassKSampler", f"Sampler ({tag})", unet=unet, seed=42, steps=STEPS, cfg=CFG, sampler_name="euler",
+                   scheduler="normal", positive=pos[0], negative=neg[0], latent_image=empty[0], denoise=1.0)
+        image = g.add("GlassVAEDecode", f"Decode ({tag})", samples=ks[0], vae=loader[2])
+        g.add("GlassSaveImage", f"Save ({tag})", images=image[0], filename_prefix=f"lora_{tag.lower()}")
+
+
 WORKFLOWS = {
     "text_to_image": text_to_image,
     "image_to_image": image_to_image,
@@ -391,6 +407,7 @@ WORKFLOWS = {
     "prompt_weighting": prompt_weighting,
     "clip_skip": clip_skip,
     "batch_of_seeds": batch_of_seeds,
+    "lora": lora,
 }
 
 

@@ -179,10 +179,11 @@ def a1111_parameters(api: Optional[dict], node_id: Optional[str], width: int, he
 
     lora_hashes = []
     for name, strength in loras:
-        positive += f" <lora:{_stem(name)}:{strength:g}>" if isinstance(strength, (int, float)) else ""
         path = _lora_path(name)
+        alias = _stem(path.name if path is not None else name)  # A1111 names a LoRA by its file's stem
+        positive += f" <lora:{alias}:{strength:g}>" if isinstance(strength, (int, float)) else ""
         if path is not None:
-            lora_hashes.append(f"{_stem(name)}: {lora_hash(path)}")
+            lora_hashes.append(f"{alias}: {lora_hash(path)}")
 
     fields = [("Steps", facts.get("steps")),
               ("Sampler", SAMPLER_NAMES.get(facts.get("sampler_name"), facts.get("sampler_name"))),
@@ -220,5 +221,5 @@ def _checkpoint_path(name: str) -> Optional[Path]:
 
 
 def _lora_path(name: str) -> Optional[Path]:
-    from . import paths
-    return paths.full_path("loras", name)
+    from .lora import lora_file
+    return lora_file(name)

@@ -12,10 +12,28 @@ from .types import GLASS_CLIP, GLASS_UNET, GlassCLIP, GlassUNet, NodeInputError
 
 CATEGORY = "Glass Diffusion/loaders"
 STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
+BUILTIN_NAME = "glass-tiny-bar (built-in)"  # the LoRA this repository trains for glass-tiny (sd_core/lora_train.py)
+
+
+def builtin_file():
+    from ..sd_core import builtin
+    return builtin.BUILTIN_DIR / "glass-tiny-bar.safetensors"
+
+
+def lora_names() -> list[str]:
+    """The loaders' choices: the built-in LoRA (when shipped) first, then the loras folder's files."""
+    return ([BUILTIN_NAME] if builtin_file().is_file() else []) + paths.list_files("loras")
+
+
+def lora_file(name):
+    """The file behind a LoRA choice, or None."""
+    if name == BUILTIN_NAME:
+        return builtin_file() if builtin_file().is_file() else None
+    return paths.full_path("loras", name) if isinstance(name, str) else None
 
 
 def _lora_path(node: str, lora_name):
-    path = paths.full_path("loras", lora_name) if isinstance(lora_name, str) else None
+    path = lora_file(lora_name)
     if path is None:
         where = "ComfyUI's models/loras" if paths.comfy_folder_paths() else str(paths.folder("loras"))
         raise NodeInputError(node, "lora_name", f"no file {lora_name!r} in {where}")
@@ -57,8 +75,9 @@ class GlassLoraLoader:
         return {"required": {
             "unet": (GLASS_UNET, {"tooltip": "The UNet to patch (from a checkpoint loader or another LoRA loader)."}),
             "clip": (GLASS_CLIP, {"tooltip": "The text encoder to patch."}),
-            "lora_name": (paths.list_files("loras"), {"tooltip": "A LoRA / LyCORIS file (kohya, LoCon, LoHa, LoKr, "
-                          "DoRA, diffusers / PEFT) from the loras folder."}),
+            "lora_name": (lora_names(), {"tooltip": "A LoRA / LyCORIS file (kohya, LoCon, LoHa, LoKr, DoRA, "
+                          f"diffusers / PEFT) from the loras folder, or {BUILTIN_NAME!r}: it teaches the built-in "
+                          "glass-tiny the shape word 'bar'."}),
             "strength_model": ("FLOAT", {**STRENGTH, "tooltip": "How strongly the UNet is patched; 0 leaves it "
                                "as it is, negative values invert the LoRA."}),
             "strength_clip": ("FLOAT", {**STRENGTH, "tooltip": "How strongly the text encoder is patched."}),
@@ -82,7 +101,8 @@ class GlassLoraLoaderModelOnly:
     def INPUT_TYPES(cls):
         return {"required": {
             "unet": (GLASS_UNET, {"tooltip": "The UNet to patch."}),
-            "lora_name": (paths.list_files("loras"), {"tooltip": "A LoRA / LyCORIS file from the loras folder."}),
+            "lora_name": (lora_names(), {"tooltip": "A LoRA / LyCORIS file from the loras folder (or the "
+                          "built-in one)."}),
             "strength_model": ("FLOAT", {**STRENGTH, "tooltip": "How strongly the UNet is patched; 0 leaves it "
                                "as it is."}),
         }}

@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -318,7 +317,6 @@ def _adapters(source, prefix: str, found: dict, tensors, module: nn.Module) -> d
     if alpha_t is not None and alpha_t.numel() != 1:
         raise LoraError(source, f"{found['.alpha']} must be a scalar, has shape {list(alpha_t.shape)}", [found[".alpha"]])
     alpha = None if alpha_t is None else float(alpha_t.reshape(()))
-    weight = module.weight
     result = {}
 
     for up_s, down_s in LORA_SUFFIXES:

@@ -35,7 +35,7 @@ def to_diffusers(unet_state: dict, config) -> dict:
 
 
 # ------------------------------------------------------------------------------------ kohya / PEFT files
-def kohya_targets(module, conv3x3: bool):
+def kohya_targets(module, conv3x3: bool, upsamplers: bool = True):
     """(name, weight shape) of the modules a kohya LoRA trains: linear layers and 1x1 convs of the attention
     blocks and CLIP layers; with conv3x3 (LoCon) also the 3x3 convs of res blocks, down- and upsamplers."""
     out = []
@@ -49,7 +49,8 @@ def kohya_targets(module, conv3x3: bool):
             if in_attention:
                 out.append((name, tuple(w.shape)))
         elif conv3x3 and w.ndim == 4 and w.shape[-1] == 3 and name not in ("conv_in", "conv_out",
-                                                                             "input_blocks.0.0", "out.2"):
+                                                                             "input_blocks.0.0", "out.2") \
+                and (upsamplers or not (name.startswith("output_blocks") and name.endswith(".conv"))):
             out.append((name, tuple(w.shape)))
     return out
 
@@ -147,11 +148,12 @@ def _with_text_model(clip):
     return holder
 
 
-PRESETS = {  # LyCORIS target presets: SD 1.5's classic targets, and a small set for full-weight `diff` files
+PRESETS = {  # LyCORIS target presets (UNet module classes, UNet module names, CLIP module classes)
     "classic": ('["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]', '["conv_in", "conv_out"]',
-                '["CLIPAttention", "CLIPMLP"]'),
-    "small": ('["Downsample2D", "Upsample2D"]', '["conv_in", "conv_out", "time_embedding.linear_1"]',
-              '["CLIPAttention"]'),
+                '["CLIPAttention", "CLIPMLP"]'),  # SD 1.5's usual LyCORIS targets
+    "attention": ('["Transformer2DModel"]', '[]', '["CLIPAttention", "CLIPMLP"]'),  # the 192 + 72 of a kohya LoRA
+    "convs": ('["Downsample2D", "Upsample2D"]', '["conv_in", "conv_out", "time_embedding.linear_1"]',
+              '["CLIPAttention"]'),  # 3x3 convolutions (Tucker cores) and a linear layer, few modules
 }
 
 
