@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +39,7 @@ SCHEDULER_NAMES = {
 SAMPLER_NODES = ("GlassKSampler", "GlassSample", "GlassDenoiseSteps")
 LORA_NODES = ("GlassLoraLoader", "GlassLoraLoaderModelOnly")
 VERSION = "Glass Diffusion"
+log = logging.getLogger(__name__)
 
 
 def quote(value) -> str:
@@ -165,7 +167,15 @@ def _stem(name: str) -> str:
 
 def a1111_parameters(api: Optional[dict], node_id: Optional[str], width: int, height: int) -> Optional[str]:
     """The `parameters` text for an image saved by node `node_id` of the API graph `api`; None when no
-    sampler feeds it."""
+    sampler feeds it, or when a file to hash cannot be read (the image is saved without the chunk)."""
+    try:
+        return _parameters(api, node_id, width, height)
+    except OSError as e:
+        log.warning("no A1111 parameters chunk: %s", e)
+        return None
+
+
+def _parameters(api, node_id, width: int, height: int) -> Optional[str]:
     if not isinstance(api, dict) or node_id is None or str(node_id) not in api:
         return None
     sampler = _upstream(api, str(node_id), SAMPLER_NODES)
