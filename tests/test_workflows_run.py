@@ -108,7 +108,7 @@ def test_ui_layout_reads_left_to_right_at_the_default_view(name):
             assert other is g or not _overlap(box, (ox, oy, ox + ow, oy + oh)), (g["title"], other["title"])
 
 
-def _check_outputs(name, out, chunks=("prompt", "workflow")):
+def _check_outputs(name, out, chunks=("prompt", "workflow", "parameters")):  # parameters: A1111's infotext
     count, size = EXPECTED_FILES[name]
     files = saved_pngs(out)
     assert len(files) == count, [p.name for p in files]
@@ -143,7 +143,7 @@ def test_runs_with_the_cli(name, tmp_path_factory):
         rc = cli.main(["run", str(WORKFLOWS_DIR / "api" / f"{name}.json"), "--models", str(env.models),
                        "--output", str(out), "--device", "cpu", "--dtype", "fp32", *sets])
     assert rc == 0
-    _check_outputs(name, out, chunks=("prompt",))  # an API file carries no editor workflow
+    _check_outputs(name, out, chunks=("prompt", "parameters"))  # an API file carries no editor workflow
 
 
 def test_same_seed_same_pixels_and_png_reruns_to_the_same_pixels(tmp_path_factory):
