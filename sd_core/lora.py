@@ -127,7 +127,8 @@ class Adapter:
             if w2.dim() == 4:
                 w1 = w1[:, :, None, None]  # (o1, i1) -> (o1, i1, 1, 1): kron keeps w2's kernel
             scale = 1.0 if rank is None or self.alpha is None else self.alpha / rank
-            return torch.kron(w1, w2).reshape(w.shape) * scale  # (o1*o2, i1*i2(, kh, kw))
+            # kron views its inputs: the einsum result must be made contiguous first
+            return torch.kron(w1.contiguous(), w2.contiguous()).reshape(w.shape) * scale  # (o1*o2, i1*i2(, kh, kw))
         raise AssertionError(self.kind)
 
     def _scale(self, rank: int) -> float:

@@ -35,13 +35,21 @@ def to_diffusers(unet_state: dict, config) -> dict:
 
 
 # ------------------------------------------------------------------------------------ kohya / PEFT files
-def kohya_targets(module, conv3x3: bool, upsamplers: bool = True):
+# Modules of an SD 1.5 UNet that diffusers 0.42 cannot place when a kohya file names them in LDM spelling: its
+# block remapping (`_maybe_map_sgm_blocks_to_diffusers`) matches `input_blocks_1` inside `input_blocks_10` (and
+# `output_blocks_1` inside `output_blocks_10`), and takes `output_blocks_N_1` for an attention block, which the
+# lowest level's ResBlock + Upsample blocks are not. Such files are tested with these modules left out.
+DIFFUSERS_LDM_BLIND = ("input_blocks.10.", "input_blocks.11.", "output_blocks.1.")
+
+
+def kohya_targets(module, conv3x3: bool, upsamplers: bool = True, skip=()):
     """(name, weight shape) of the modules a kohya LoRA trains: linear layers and 1x1 convs of the attention
     blocks and CLIP layers; with conv3x3 (LoCon) also the 3x3 convs of res blocks, down- and upsamplers."""
     out = []
     for name, m in module.named_modules():
         w = getattr(m, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.ndim < 2 or "embed" in name or "time_emb" in name:
+        if not isinstance(w, torch.Tensor) or w.ndim < 2 or "embed" in name or "time_emb" in name \
+                or name.startswith(tuple(skip)):
             continue
         in_attention = any(s in name for s in ("attentions", "transformer_blocks", "proj_in", "proj_out",
                                                "self_attn", "mlp", ".1.proj", ".1.norm"))
@@ -154,6 +162,7 @@ PRESETS = {  # LyCORIS target presets (UNet module classes, UNet module names, C
     "attention": ('["Transformer2DModel"]', '[]', '["CLIPAttention", "CLIPMLP"]'),  # the 192 + 72 of a kohya LoRA
     "convs": ('["Downsample2D", "Upsample2D"]', '["conv_in", "conv_out", "time_embedding.linear_1"]',
               '["CLIPAttention"]'),  # 3x3 convolutions (Tucker cores) and a linear layer, few modules
+    "resamplers": ('["Downsample2D", "Upsample2D"]', '[]', '["CLIPAttention"]'),  # 3x3 convs of >= 320 channels
 }
 
 
@@ -182,10 +191,10 @@ def lycoris_file(path, unet, clip, seed: int, algo: str, dim: int = 4, alpha: fl
             state.update({f"{module.lora_name}.{k}": v.detach().float().contiguous()
                           for k, v in module.state_dict().items()})
     save_file(state, str(path))
-    return state
+    return state, net
 
 
-def lycoris_merged(state: dict, unet, clip, multiplier: float = 1.0):
+def lycoris_merged(state: dict, unet, clip, multiplier: float = 1.0, net=None):
     """({diffusers UNet name: tensor}, {CLIP name: tensor}): each module's weight as the package's own
     modules (create_network_from_weights) compute it in their forward: W + multiplier * rebuild, or the DoRA
     decomposition of W + rebuild. (Not get_merged_weight: in lycoris-lora 4.1.3 that path applies the LoHa /
@@ -193,7 +202,8 @@ def lycoris_merged(state: dict, unet, clip, multiplier: float = 1.0):
     from lycoris.kohya import create_network_from_weights
     from lycoris.modules import LoConModule, LohaModule, LokrModule
     clip = _with_text_model(clip)
-    net, _ = create_network_from_weights(multiplier, None, None, clip, unet, weights_sd=state)
+    if net is None:  # read the file back with the package's own reader (else: the modules that wrote it)
+        net, _ = create_network_from_weights(multiplier, None, None, clip, unet, weights_sd=state)
     out = ({}, {})
     ids = {id(m): ("unet", n) for n, m in unet.named_modules()}
     ids.update({id(m): ("clip", n) for n, m in clip.named_modules()})
