@@ -18,7 +18,7 @@ from glass_diffusion.nodes.validation import GraphValidationError
 from glass_diffusion.nodes.lora import GlassLoraLoader
 from glass_diffusion.nodes.registry import NODE_CLASS_MAPPINGS
 from glass_diffusion.nodes.types import NodeInputError
-from glass_diffusion.sd_core.lora import LoraPatch
+from glass_diffusion.sd_core.lora import LoraPatch, view_for
 
 LORA, LORA2 = "style.safetensors", "sub/other.safetensors"
 
@@ -88,17 +88,18 @@ def test_chained_loaders_stack_in_order_and_strength_zero_is_the_input(env, tmp_
         unet, clip, _ = GlassCheckpointLoader().load(CHECKPOINT, "fp32")
         u1, c1 = GlassLoraLoader().load(unet, clip, LORA, 0.8, -0.5)
         u2, c2 = GlassLoraLoader().load(u1, c1, LORA2, 1.5, 0.0)
-        assert [p.source for p in u2.patches] == ["style.safetensors", "other.safetensors"]
-        assert [p.strength for p in u2.patches] == [0.8, 1.5]
+        assert [p.source for p in u2.model.patches] == ["style.safetensors", "other.safetensors"]
+        assert [p.strength for p in u2.model.patches] == [0.8, 1.5]
         assert c2 is c1 and [p.strength for p in c1.patches] == [-0.5]  # strength_clip 0: clip unchanged
-        assert unet.patches == () and clip.patches == ()  # the inputs are never modified
-        assert u2.model is unet.model  # one set of loaded weights
+        assert unet.model.patches == () and clip.patches == ()  # the inputs are never modified
+        assert u2.model.unet is unet.model.unet  # one set of loaded weights
         u0, c0 = GlassLoraLoader().load(unet, clip, LORA, 0.0, 0.0)
         assert u0 is unet and c0 is clip
-        assert unet.patched_model() is unet.model
+        assert clip.patched_model() is clip.model
         # the view is computed once per handle and reused by every sampler using it
-        assert u2.patched_model() is u2.patched_model()
-        assert all(isinstance(p, LoraPatch) for p in u2.patches)
+        view = view_for(u2.model, u2.model.unet, u2.model.patches)
+        assert view is view_for(u2.model, u2.model.unet, u2.model.patches) and view is not unet.model.unet
+        assert all(isinstance(p, LoraPatch) for p in u2.model.patches)
 
 
 @pytest.mark.parametrize("bad", ["missing", "corrupt"])

@@ -16,7 +16,8 @@ from _scorer import FG_THRESHOLD
 from glass_diffusion.sd_core import builtin, lora, lora_train, toy_data
 from glass_diffusion.sd_core.checkpoint import load_checkpoint
 from glass_diffusion.sd_core.conditioning import encode_prompt
-from glass_diffusion.sd_core.sampling import sample
+from glass_diffusion.sd_core.diffusion import DiffusionModel
+from glass_diffusion.sd_core.sampling import SampleRequest, sample
 from glass_diffusion.sd_core.tokenizer import CLIPTokenizer
 
 LORA_FILE = builtin.BUILTIN_DIR / "glass-tiny-bar.safetensors"
@@ -68,13 +69,13 @@ def tiny():
     torch.set_num_threads(threads)
 
 
-def generate(unet, clip, vae, tok, pairs, scale):
-    """Each prompt at its own seed (one KSampler run per pair, batch 1)."""
+def generate(handle, clip, vae, tok, pairs):
+    """Each prompt at its own seed (one KSampler run per pair, batch 1); handle: a DiffusionModel."""
     images = []
     negative = encode_prompt(clip, tok, "")
     for prompt, seed in pairs:
-        out = sample(unet, encode_prompt(clip, tok, prompt), negative, {"samples": torch.zeros(1, 4, 8, 8)},
-                     seed=seed, scaling_factor=scale, **SETTINGS)
+        out = sample(handle, encode_prompt(clip, tok, prompt), negative, {"samples": torch.zeros(1, 4, 8, 8)},
+                     SampleRequest(seed=seed, **SETTINGS))
         x = vae.decode(out["samples"])  # (1, 4, 8, 8) -> (1, 3, 64, 64)
         images.append((((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)[0] * 255).round().byte().numpy())
     return images
@@ -108,12 +109,12 @@ def test_scorer_tells_bars_from_the_grammar_shapes():
 def test_lora_teaches_the_new_shape(tiny, record_property):
     model, tok = tiny
     unet_patch, clip_patch = lora.load_lora(LORA_FILE, model.unet, model.clip)
-    unet = lora.patched_module(model.unet, [unet_patch])
+    plain = DiffusionModel.from_checkpoint(model)
+    patched = plain.with_patches((unet_patch,))  # the patch layer of the model handle
     clip = lora.patched_module(model.clip, [clip_patch])
     pairs = prompts_and_seeds()
-    scale = model.config.vae.scaling_factor
-    with_lora = [aspect(im) for im in generate(unet, clip, model.vae, tok, pairs, scale)]
-    without = [aspect(im) for im in generate(model.unet, model.clip, model.vae, tok, pairs, scale)]
+    with_lora = [aspect(im) for im in generate(patched, clip, model.vae, tok, pairs)]
+    without = [aspect(im) for im in generate(plain, model.clip, model.vae, tok, pairs)]
     rate_with = sum(a >= BAR_ASPECT for a in with_lora) / N
     rate_without = sum(a >= BAR_ASPECT for a in without) / N
     record_property("bar_with_lora", rate_with)
