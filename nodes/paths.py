@@ -15,7 +15,7 @@ from . import shipped
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-FOLDER_KINDS = ("checkpoints", "vae", "embeddings", "loras")
+FOLDER_KINDS = ("checkpoints", "vae", "embeddings", "loras", "controlnet")
 
 
 def comfy_folder_paths():

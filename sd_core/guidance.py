@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .controlnet import CONTROL_KEY, ControlRunner
 from .errors import ParamError
 
 _WIDTH_HINTS = {2048: "an SDXL conditioning", 1024: "an SD 2.x conditioning", 768: "an SD 1.x conditioning"}
@@ -100,6 +101,8 @@ def prepare_conds(cond, latent_shape, model_sampling, device):
             c["sigma_start"] = model_sampling.percent_to_sigma(float(opts["start_percent"]))
         if "end_percent" in opts:
             c["sigma_end"] = model_sampling.percent_to_sigma(float(opts["end_percent"]))
+        if opts.get(CONTROL_KEY) is not None:
+            c["control"] = opts[CONTROL_KEY]  # a controlnet.ControlApplication chain
         out.append(c)
     return out
 
@@ -196,20 +199,31 @@ class CFGDenoiser:
         self.positive = prepare_conds(positive, latent_shape, model.sampling, device)
         self.negative = prepare_conds(negative, latent_shape, model.sampling, device) if negative is not None else []
         pair_areas(self.positive, self.negative)
+        # one runner per distinct ControlNet chain; refuses a bad control image batch before any step
+        self.controls = {id(c["control"]): ControlRunner(c["control"], model.sampling, latent_shape[0],
+                                                         model.context_dim)
+                         for c in self.positive + self.negative if "control" in c}
         self.concat = concat
         self.unet_dtype = model.dtype  # looked up once, not on every step
         self.calls = 0  # UNet forward calls (for tests and statistics)
 
-    def _run(self, x_in, sigma, context, concat):
+    def _run(self, x_in, sigma, context, concat, control=None, n=1):
         self.calls += 1
-        return self.model.denoise(x_in, sigma, context, concat, dtype=self.unet_dtype)
+        if control is None:
+            return self.model.denoise(x_in, sigma, context, concat, dtype=self.unet_dtype)
+        # the ControlNet sees what the UNet sees: the scaled input (no inpainting concat), timestep and context
+        ms = self.model.sampling
+        residuals = self.controls[id(control)](ms.calculate_input(sigma, x_in), float(sigma[0]),
+                                               ms.timestep(sigma).to(x_in.device, torch.float32), context, n)
+        extra = {} if residuals is None else {"control": residuals}
+        return self.model.denoise(x_in, sigma, context, concat, dtype=self.unet_dtype, **extra)
 
     def calc_cond_batch(self, cond_lists, x, sigma):
         """Weighted x0 estimates, one per list (None lists give zeros)."""
         B = x.shape[0]
         outs = [torch.zeros_like(x) for _ in cond_lists]
         counts = [torch.full_like(x, 1e-37) for _ in cond_lists]
-        jobs = []  # (list index, input_x, mult, area, context, concat)
+        jobs = []  # (list index, input_x, mult, area, context, concat, control)
         for li, conds in enumerate(cond_lists):
             for c in conds or []:
                 r = _area_and_mult(c, x, sigma)
@@ -221,16 +235,16 @@ class CFGDenoiser:
                     concat = _batch(self.concat, B)
                     if area is not None:
                         concat = concat[:, :, area[2]:area[2] + area[0], area[3]:area[3] + area[1]]
-                jobs.append((li, inp, mult, area, _batch(c["context"], B), concat))
-        while jobs:  # one UNet call per group of same-shaped inputs
-            shape = jobs[0][1].shape
-            group = [j for j in jobs if j[1].shape == shape]
-            jobs = [j for j in jobs if j[1].shape != shape]
+                jobs.append((li, inp, mult, area, _batch(c["context"], B), concat, c.get("control")))
+        while jobs:  # one UNet call per group of same-shaped inputs with the same ControlNet chain
+            shape, control = jobs[0][1].shape, jobs[0][6]
+            group = [j for j in jobs if j[1].shape == shape and j[6] is control]
+            jobs = [j for j in jobs if not (j[1].shape == shape and j[6] is control)]
             x_in = torch.cat([j[1] for j in group])
             ctx = _cat_contexts([j[4] for j in group])
             concat = torch.cat([j[5] for j in group]) if self.concat is not None else None
-            out = self._run(x_in, sigma.repeat(len(group)), ctx, concat).chunk(len(group))
-            for (li, _, mult, area, _, _), o in zip(group, out):
+            out = self._run(x_in, sigma.repeat(len(group)), ctx, concat, control, len(group)).chunk(len(group))
+            for (li, _, mult, area, _, _, _), o in zip(group, out):
                 if area is None:
                     outs[li] += o * mult
                     counts[li] += mult

@@ -242,8 +242,10 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(cfg.norm_groups, ch, eps=1e-5), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [B, Cin, h, w], timesteps [B] (float, fractional allowed), context [B, T, context_dim] -> eps [B, Cout, h, w]."""
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, control=None) -> torch.Tensor:
+        """x [B, Cin, h, w], timesteps [B] (float, fractional allowed), context [B, T, context_dim] -> eps [B, Cout, h, w].
+        control: optional ControlNet residuals (sd_core.controlnet.ControlResiduals: `.skips`, one per input
+        block, added to the skip connections; `.middle`, added to the middle block's output)."""
         dtype = self.time_embed[0].weight.dtype
         t = timesteps.to(x.device).reshape(-1).expand(x.shape[0])  # a single timestep is used for the whole batch
         t_emb = timestep_embedding(t, self.config.model_channels).to(dtype)  # (B,) -> (B, mc), computed in float32
@@ -256,6 +258,9 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             hs.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:  # the encoder path itself is unchanged; only what the decoder reads is
+            h = h + control.middle.to(dtype)
+            hs = [s + r.to(dtype) for s, r in zip(hs, control.skips, strict=True)]
         for block in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)  # (B, C, H, W) + (B, Cskip, H, W) -> (B, C + Cskip, H, W)
             h = block(h, emb, context, out_size=hs[-1].shape[-2:] if hs else None)
