@@ -11,7 +11,7 @@ from glass_diffusion.nodes.workflow import input_specs
 
 REPO = Path(__file__).resolve().parents[1]
 COMFY_DATA_TYPES = {"IMAGE", "MASK", "LATENT", "CONDITIONING", "SIGMAS"}
-OUR_TYPES = {"GLASS_UNET", "GLASS_CLIP", "GLASS_VAE", "GLASS_SAMPLER"}
+OUR_TYPES = {"GLASS_UNET", "GLASS_CLIP", "GLASS_VAE", "GLASS_SAMPLER", "GLASS_CONTROL_NET"}
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 COMFY_MODEL_TYPES = {"MODEL", "CLIP", "VAE", "SAMPLER"}
 
