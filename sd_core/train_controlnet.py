@@ -1,7 +1,7 @@
 """Trains a small ControlNet for the built-in tiny model: the control image is the target shape's silhouette
 (white on black), so the picture puts the shape where the silhouette is, whatever position the prompt names.
 
-    python -m glass_diffusion.sd_core.train_controlnet --out WORK_DIR [--seed 0] [--steps 700] [--threads 1]
+    python -m glass_diffusion.sd_core.train_controlnet --out WORK_DIR [--seed 0] [--steps 400] [--threads 1]
 
 The base model (the built-in glass-tiny, or --base CHECKPOINT with --vocab) stays frozen; only the ControlNet
 learns, with the ControlNet recipe: the encoder half copied from the base UNet, zero convolutions (and the
@@ -138,7 +138,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--pool", type=int, default=4096, help="scenes encoded once by the frozen VAE")
-    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--name", default="glass-tiny-silhouette-controlnet.safetensors")
