@@ -14,6 +14,7 @@ context plus the control image resized to 8x the latent (nearest-exact, centre c
 strength, are added to the UNet's skip connections and middle block. Chained ControlNets add up.
 """
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -74,6 +75,14 @@ def _zero_conv(c: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c, c, 1))
 
 
+def _transformer(cfg: UNetConfig, channels: int, level=None) -> SpatialTransformer:
+    """The UNet's spatial transformer at an input level (None: the middle block), with that level's depth where
+    the UNet config has per-level depths."""
+    if hasattr(cfg, "depth"):
+        return SpatialTransformer(cfg, channels, cfg.middle_depth() if level is None else cfg.depth(level))
+    return SpatialTransformer(cfg, channels)
+
+
 class ControlNet(nn.Module):
     def __init__(self, config: ControlNetConfig):
         super().__init__()
@@ -100,13 +109,13 @@ class ControlNet(nn.Module):
                 layers = [ResBlock(cfg, ch, c, emb_dim)]
                 ch = c
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(cfg, ch))
+                    layers.append(_transformer(cfg, ch, level))
                 self.input_blocks.append(UNetBlock(*layers))
                 self.zero_convs.append(_zero_conv(ch))
             if level < len(chans) - 1:
                 self.input_blocks.append(UNetBlock(Downsample(ch)))
                 self.zero_convs.append(_zero_conv(ch))
-        self.middle_block = UNetBlock(ResBlock(cfg, ch, ch, emb_dim), SpatialTransformer(cfg, ch),
+        self.middle_block = UNetBlock(ResBlock(cfg, ch, ch, emb_dim), _transformer(cfg, ch),
                                       ResBlock(cfg, ch, ch, emb_dim))
         self.middle_block_out = _zero_conv(ch)
 
@@ -201,7 +210,7 @@ def _layout(path, names: list) -> str:
         return "diffusers"
     raise ckpt.CheckpointError(path, "not a ControlNet: no control_model.input_hint_block.* (LDM layout) or "
                                      f"controlnet_cond_embedding.* (diffusers layout); first keys: "
-                                     f"{ckpt._few(sorted(names))}")
+                                     f"{', '.join(sorted(names)[:5])}")
 
 
 def _model_entries(path, raw: dict) -> dict:
@@ -212,8 +221,8 @@ def _model_entries(path, raw: dict) -> dict:
         if any(k.startswith(PREFIX) for k in names):
             return {k[len(PREFIX):]: e for k, e in raw.items() if k.startswith(PREFIX)}
         return dict(raw)
-    n = ckpt._count(raw, "down_blocks.0.resnets.")
-    hint = ckpt._count(raw, "controlnet_cond_embedding.blocks.")
+    n = _count(raw, "down_blocks.0.resnets.")
+    hint = _count(raw, "controlnet_cond_embedding.blocks.")
     out = {}
     for name, entry in raw.items():
         for pattern, rename in _DIFFUSERS_RULES:
@@ -228,24 +237,48 @@ def _model_entries(path, raw: dict) -> dict:
     return out
 
 
+def _count(names, prefix: str) -> int:
+    """Number of numbered children under prefix (`down_blocks.0.resnets.` -> 2)."""
+    return len({k[len(prefix):].split(".")[0] for k in names if k.startswith(prefix)})
+
+
+def _levels(shapes) -> list:
+    """Input-block indices of the residual blocks, grouped by resolution level (a downsampler `op` ends one)."""
+    levels, current, i = [], [], 1
+    while True:
+        if f"input_blocks.{i}.0.in_layers.0.weight" in shapes:
+            current.append(i)
+        elif f"input_blocks.{i}.0.op.weight" in shapes:
+            levels.append(current)
+            current = []
+        else:
+            break
+        i += 1
+    return levels + [current] if current else levels
+
+
 def infer_controlnet_config(shapes: dict, path="<state dict>") -> ControlNetConfig:
     """ControlNetConfig from {name: shape} under the model's names. Head counts are not in the shapes: SD 1.x's
     8 heads (SD 2.x: 64-channel heads where the UNet config supports it)."""
-    get = ckpt._getter(shapes, "", path, "ControlNet")
+    def get(name: str) -> tuple:
+        if name not in shapes:
+            raise ckpt.CheckpointError(path, f"cannot infer the ControlNet config: key {name} is missing", [name])
+        return tuple(shapes[name])
+
     conv_in = get("input_blocks.0.0.weight")
     base = conv_in[0]
-    levels = ckpt._unet_levels(shapes, "")
+    levels = _levels(shapes)
     if not levels:
         raise ckpt.CheckpointError(path, "cannot infer the ControlNet config: no input_blocks.N.0.in_layers keys")
     mult = tuple(get(f"input_blocks.{b[0]}.0.out_layers.3.weight")[0] // base for b in levels)
     attention = tuple(i for i, b in enumerate(levels) if f"input_blocks.{b[0]}.1.proj_in.weight" in shapes)
-    depth = ckpt._count(shapes, "middle_block.1.transformer_blocks.")
+    depth = _count(shapes, "middle_block.1.transformer_blocks.")
     channels = [base * m for m in mult]
     proj = get("middle_block.1.proj_in.weight")
     unet = dict(in_channels=conv_in[1], out_channels=conv_in[1], model_channels=base, channel_mult=mult,
-                num_res_blocks=len(levels[0]), attention_levels=attention, num_heads=ckpt._divisor(8, channels),
+                num_res_blocks=len(levels[0]), attention_levels=attention, num_heads=math.gcd(8, *channels),
                 transformer_depth=depth, context_dim=get("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
-                norm_groups=ckpt._divisor(32, channels))
+                norm_groups=math.gcd(32, *channels))
     if len(proj) == 2:  # SD 2.x: linear proj_in, 64-channel heads
         have = {f.name for f in fields(UNetConfig)}
         if "use_linear_proj" not in have:
@@ -281,7 +314,8 @@ def load_controlnet(path, device="cpu", dtype=None, config=None) -> ControlNet:
         entries = _model_entries(path, raw)
         config = config or _metadata_config(path, metadata) or infer_controlnet_config(
             {k: e.shape for k, e in entries.items()}, path)
-        model = ckpt._on_meta(ControlNet, config)
+        with torch.device("meta"):  # no memory, no random init
+            model = ControlNet(config)
         ckpt._load_into(path, model, entries, device, dtype)
     return model.eval()
 
