@@ -14,6 +14,7 @@ Every random draw depends only on the seed and the step, so the same command giv
 (with the same torch build and thread count).
 """
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -157,6 +158,7 @@ def main(argv=None) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     path = save_controlnet(net, args.out / args.name, dtype=torch.float16, overwrite=True, metadata={
         "glass_diffusion.base_model": Path(base).name, "glass_diffusion.control": "silhouette",
+        "glass_diffusion.base_sha256": hashlib.sha256(Path(base).read_bytes()).hexdigest(),
         "glass_diffusion.train_args": json.dumps({k: str(v) for k, v in vars(args).items()})})
     (args.out / "train_info.json").write_text(json.dumps({"seconds": seconds, "args": {k: str(v) for k, v in
                                                                                       vars(args).items()}}, indent=1))
