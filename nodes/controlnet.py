@@ -120,8 +120,7 @@ class GlassControlNetApply:
                    "their residuals add up.")
 
     def apply(self, positive, negative, control_net, image, strength=1.0, start_percent=0.0, end_percent=1.0):
-        from ..sd_core.controlnet import apply_control, check_image
-        from ..sd_core.guidance import validate_conditioning
+        from ..sd_core.controlnet import apply_control, check_conditioning_width, check_image
         node = "GlassControlNetApply"
         if not isinstance(control_net, GlassControlNet):
             raise NodeInputError(node, "control_net", f"expected a GLASS_CONTROL_NET (from Load ControlNet (Glass)), "
@@ -129,7 +128,7 @@ class GlassControlNetApply:
         width = control_net.model.config.unet.context_dim
         for name, cond in (("positive", positive), ("negative", negative)):
             try:
-                validate_conditioning(cond, width, name)
+                check_conditioning_width(cond, width, name)
             except ValueError as e:
                 raise NodeInputError(node, name, f"{e} (the ControlNet's text width is {width})") from None
         try:

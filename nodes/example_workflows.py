@@ -395,6 +395,20 @@ def lora(g: Graph):
                    scheduler="normal", positive=pos[0], negative=neg[0], latent_image=empty[0], denoise=1.0)
         image = g.add("GlassVAEDecode", f"Decode ({tag})", samples=ks[0], vae=loader[2])
         g.add("GlassSaveImage", f"Save ({tag})", images=image[0], filename_prefix=f"lora_{tag.lower()}")
+def controlnet(g: Graph):
+    """ControlNet: the prompt names the top left, the built-in silhouette ControlNet puts the shape where a drawn circle mask is (bottom right); the control image is previewed."""
+    loader, pos, neg = _base(g, prompt="a large red circle at the top left on a blue background")
+    shape = g.add("GlassShapeMask", "Silhouette", shape="circle", width=SIZE, height=SIZE, x=52.0, y=52.0, size=10.0)
+    hint = g.add("GlassMaskToControlImage", "Control Image", mask=shape[0])
+    g.add("GlassPreviewImage", "Preview control image", images=hint[0])
+    net = g.add("GlassControlNetLoader", "ControlNet", control_net_name=builtin.CONTROLNET_NAME, weight_dtype="auto")
+    applied = g.add("GlassControlNetApply", "Apply ControlNet", positive=pos[0], negative=neg[0], control_net=net[0],
+                    image=hint[0], strength=1.0, start_percent=0.0, end_percent=1.0)
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=SIZE, height=SIZE, batch_size=1)
+    ks = g.add("GlassKSampler", "Sampler", unet=loader[0], seed=42, steps=STEPS, cfg=CFG, sampler_name="euler",
+               scheduler="normal", positive=applied[0], negative=applied[1], latent_image=empty[0], denoise=1.0)
+    image = g.add("GlassVAEDecode", "Decode", samples=ks[0], vae=loader[2])
+    g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="controlnet")
 
 
 WORKFLOWS = {
@@ -408,6 +422,7 @@ WORKFLOWS = {
     "clip_skip": clip_skip,
     "batch_of_seeds": batch_of_seeds,
     "lora": lora,
+    "controlnet": controlnet,
 }
 
 

@@ -386,6 +386,21 @@ def check_image(image, name="image") -> torch.Tensor:
     return image.detach().to("cpu", torch.float32).movedim(-1, 1).contiguous()
 
 
+def check_conditioning_width(cond, width: int, name="conditioning") -> None:
+    """A CONDITIONING list of [tensor [B, T, width], dict] pairs with finite values (what a ControlNet of this
+    text width can be applied to)."""
+    if not isinstance(cond, (list, tuple)) or len(cond) == 0:
+        raise ValueError(f"{name} must be a non-empty CONDITIONING list of [tensor, dict] pairs")
+    for i, entry in enumerate(cond):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and torch.is_tensor(entry[0])
+                and isinstance(entry[1], dict)):
+            raise ValueError(f"{name}[{i}] must be a [tensor, dict] pair")
+        if entry[0].ndim != 3 or entry[0].shape[-1] != width:
+            raise ValueError(f"{name}[{i}] has shape {tuple(entry[0].shape)}, not [B, tokens, {width}]")
+        if not torch.isfinite(entry[0]).all():
+            raise ValueError(f"{name}[{i}] contains NaN or infinite values")
+
+
 def apply_control(cond: list, net: ControlNet, image: torch.Tensor, strength: float, start_percent: float,
                   end_percent: float, shared: Optional[dict] = None) -> list:
     """A new CONDITIONING whose entries carry `net` applied with `image` ([B, 3, H, W] from check_image) on top

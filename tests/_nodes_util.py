@@ -124,6 +124,7 @@ TINY_OVERRIDES = {
     "clip_skip": {**TINY, "Sampler (-1).steps": 2, "Sampler (-2).steps": 2},
     "batch_of_seeds": {**TINY, "Sampler.steps": 2},
     "lora": {"Sampler (LoRA).steps": 2, "Sampler (plain).steps": 2},  # the built-in LoRA needs glass-tiny
+    "controlnet": {"Sampler.steps": 2},  # the built-in model: the built-in ControlNet is made for it
 }
 # (number of PNG files saved, their pixel size) per workflow at the tiny overrides
 # (as shipped, on the built-in model, the same except hires_fix: 128 px)
@@ -131,6 +132,7 @@ EXPECTED_FILES = {
     "text_to_image": (1, 64), "image_to_image": (1, 64), "inpaint_noise_mask": (1, 64), "inpaint_9channel": (1, 64),
     "hires_fix": (1, 96), "step_by_step": (4, 64), "prompt_weighting": (2, 64), "clip_skip": (2, 64),
     "batch_of_seeds": (4, 64), "lora": (2, 64),
+    "batch_of_seeds": (4, 64), "controlnet": (1, 64),
 }
 
 

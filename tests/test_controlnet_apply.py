@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 from glass_diffusion.sd_core.checkpoint import CheckpointError
 from glass_diffusion.sd_core.controlnet import (CONTROL_KEY, ControlNet, ControlNetConfig, apply_control, check_image,
                                                 load_controlnet, resize_hint, save_controlnet)
+from glass_diffusion.sd_core.diffusion import DiffusionModel
+from glass_diffusion.sd_core.family import SD1
 from glass_diffusion.sd_core.guidance import CFGDenoiser
-from glass_diffusion.sd_core.schedules import ModelSampling
 from glass_diffusion.sd_core.unet import UNetConfig, UNetModel
 
 CFG = UNetConfig.tiny()
@@ -46,7 +47,7 @@ class Counting(torch.nn.Module):
 
 def _manual_x0(unet, nets, x, sigma, contexts, image, cfg):
     """x0 from first principles: scaled input, timestep, residuals = sum of strength * ControlNet(...)."""
-    ms = ModelSampling()
+    ms = SD1.model_sampling()
     s = torch.tensor([sigma])
     inp, t = ms.calculate_input(s, x), ms.timestep(s)
     outs = []
@@ -76,12 +77,12 @@ def test_residuals_strength_chain_and_cfg_batch(parts):
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     sigma = 3.0
     counting = Counting(unet)
-    den = CFGDenoiser(counting, pos2, neg2, 5.0, x.shape, ModelSampling())
+    den = CFGDenoiser(DiffusionModel.build(counting, SD1), pos2, neg2, 5.0, x.shape)
     got = den(x, torch.tensor([sigma]))
     assert counting.calls == [2]  # cond and uncond in one UNet call, control included
     want = _manual_x0(unet, [(net_a, 0.7), (net_b, 1.3)], x, sigma, [pos[0][0], neg[0][0]], image, 5.0)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
-    plain = CFGDenoiser(unet, pos, neg, 5.0, x.shape, ModelSampling())(x, torch.tensor([sigma]))
+    plain = CFGDenoiser(DiffusionModel.build(unet, SD1), pos, neg, 5.0, x.shape)(x, torch.tensor([sigma]))
     assert (got - plain).abs().max() > 1e-2  # the control really acts
     only_a = _manual_x0(unet, [(net_a, 0.7)], x, sigma, [pos[0][0], neg[0][0]], image, 5.0)
     assert (got - only_a).abs().max() > 1e-3  # and the second ControlNet adds to the first
@@ -90,11 +91,12 @@ def test_residuals_strength_chain_and_cfg_batch(parts):
 @torch.no_grad()
 def test_control_applies_only_inside_the_step_range(parts):
     unet, net_a, _, pos, neg, image = parts
-    ms = ModelSampling()
+    ms = SD1.model_sampling()
     start, end = 0.2, 0.8
     shared = {}
     p, n = (apply_control(c, net_a, check_image(image), 1.0, start, end, shared) for c in (pos, neg))
-    den, plain = CFGDenoiser(unet, p, n, 4.0, (1, 4, 8, 8), ms), CFGDenoiser(unet, pos, neg, 4.0, (1, 4, 8, 8), ms)
+    h = DiffusionModel.build(unet, SD1)
+    den, plain = CFGDenoiser(h, p, n, 4.0, (1, 4, 8, 8)), CFGDenoiser(h, pos, neg, 4.0, (1, 4, 8, 8))
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     s_start, s_end = ms.percent_to_sigma(start), ms.percent_to_sigma(end)
     for sigma, inside in ((s_start * 1.05, False), (s_start * 0.99, True), (math.sqrt(s_start * s_end), True),
@@ -118,12 +120,12 @@ def test_control_image_resized_as_comfyui_and_batches(parts):
     x = torch.randn(2, 4, 8, 8, generator=g)
     shared = {}
     p, n = (apply_control(c, net_a, check_image(image), 1.0, 0, 1, shared) for c in (pos, neg))
-    got = CFGDenoiser(unet, p, n, 3.0, x.shape, ModelSampling())(x, torch.tensor([2.0, 2.0]))
+    got = CFGDenoiser(DiffusionModel.build(unet, SD1), p, n, 3.0, x.shape)(x, torch.tensor([2.0, 2.0]))
     for i in range(2):
         one = [[[c[0][0], {}]] for c in (pos, neg)]
         shared = {}
         p1, n1 = (apply_control(c, net_a, check_image(image[i:i + 1]), 1.0, 0, 1, shared) for c in one)
-        ref = CFGDenoiser(unet, p1, n1, 3.0, (1, 4, 8, 8), ModelSampling())(x[i:i + 1], torch.tensor([2.0]))
+        ref = CFGDenoiser(DiffusionModel.build(unet, SD1), p1, n1, 3.0, (1, 4, 8, 8))(x[i:i + 1], torch.tensor([2.0]))
         assert (got[i:i + 1] - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
@@ -140,7 +142,7 @@ def test_bad_control_images_are_refused_before_any_step(parts):
     p, n = (apply_control(c, net_a, three, 1.0, 0, 1, shared) for c in (pos, neg))
     counting = Counting(unet)
     with pytest.raises(ValueError, match="batch 3 but the latent batch is 2"):
-        CFGDenoiser(counting, p, n, 3.0, (2, 4, 8, 8), ModelSampling())
+        CFGDenoiser(DiffusionModel.build(counting, SD1), p, n, 3.0, (2, 4, 8, 8))
     assert counting.calls == []
 
 

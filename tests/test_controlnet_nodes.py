@@ -65,7 +65,7 @@ def test_apply_node_chains_and_validates(models):
         (dict(strength=float("nan")), "strength", "0..10"),
         (dict(start_percent=0.9, end_percent=0.2), "start_percent", "after end_percent"),
         (dict(end_percent=1.5), "end_percent", "0..1"),
-        (dict(positive=_cond(width=768)), "positive", "width 768"),
+        (dict(positive=_cond(width=768)), "positive", r"not \[B, tokens, 32\]"),
         (dict(negative=[]), "negative", "non-empty"),
         (dict(control_net="x"), "control_net", "GLASS_CONTROL_NET"),
     ]
