@@ -395,6 +395,8 @@ def lora(g: Graph):
                    scheduler="normal", positive=pos[0], negative=neg[0], latent_image=empty[0], denoise=1.0)
         image = g.add("GlassVAEDecode", f"Decode ({tag})", samples=ks[0], vae=loader[2])
         g.add("GlassSaveImage", f"Save ({tag})", images=image[0], filename_prefix=f"lora_{tag.lower()}")
+
+
 def controlnet(g: Graph):
     """ControlNet: the prompt names the top left, the built-in silhouette ControlNet puts the shape where a drawn circle mask is (bottom right); the control image is previewed."""
     loader, pos, neg = _base(g, prompt="a large red circle at the top left on a blue background")

@@ -131,8 +131,7 @@ TINY_OVERRIDES = {
 EXPECTED_FILES = {
     "text_to_image": (1, 64), "image_to_image": (1, 64), "inpaint_noise_mask": (1, 64), "inpaint_9channel": (1, 64),
     "hires_fix": (1, 96), "step_by_step": (4, 64), "prompt_weighting": (2, 64), "clip_skip": (2, 64),
-    "batch_of_seeds": (4, 64), "lora": (2, 64),
-    "batch_of_seeds": (4, 64), "controlnet": (1, 64),
+    "batch_of_seeds": (4, 64), "lora": (2, 64), "controlnet": (1, 64),
 }
 
 
