@@ -19,6 +19,10 @@ from .types import GLASS_CLIP, GLASS_UNET, GLASS_VAE, GlassCLIP, GlassUNet, Glas
 
 CATEGORY = "Glass Diffusion/loaders"
 DTYPE_CHOICES = ["auto", "fp32", "fp16", "bf16"]
+SPEED_CHOICES = ["default", "none", "channels_last", "compile", "channels_last,compile"]
+SPEED_TOOLTIP = ("Speed options of the same networks (the picture changes only by float rounding): default = "
+                 "NHWC convolutions for SD-size UNets, the plain layout for glass-tiny; compile = torch.compile "
+                 "(slow first run per image size).")
 DTYPE_TOOLTIP = ("Weight precision: auto = fp16 on a GPU (the VAE in fp32), fp32 on the CPU; headless, "
                  "--dtype sets what auto means.")
 
@@ -95,6 +99,8 @@ class GlassCheckpointLoader:
                           f"{builtin.NAME!r}: a tiny model that ships with Glass Diffusion, knows only simple "
                           "shape prompts ('a red circle on a blue background') and works at 64x64."}),
             "weight_dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+        }, "optional": {
+            "speed": (SPEED_CHOICES, {"default": "default", "tooltip": SPEED_TOOLTIP}),
         }}
 
     @classmethod
@@ -114,16 +120,20 @@ class GlassCheckpointLoader:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads an SD 1.x checkpoint into Glass Diffusion's own UNet, CLIP and VAE."
 
-    def load(self, ckpt_name, weight_dtype="auto"):
+    def load(self, ckpt_name, weight_dtype="auto", speed="default"):
         from ..sd_core import builtin
+        from ..sd_core import speed as speed_options
         from ..sd_core.checkpoint import load_checkpoint
         from ..sd_core.diffusion import DiffusionModel
         node = "GlassCheckpointLoader"
         if weight_dtype not in DTYPE_CHOICES:
             raise NodeInputError(node, "weight_dtype", f"{weight_dtype!r} is not one of {DTYPE_CHOICES}")
+        if speed not in SPEED_CHOICES:
+            raise NodeInputError(node, "speed", f"{speed!r} is not one of {SPEED_CHOICES}")
         path = checkpoint_path(node, ckpt_name)
         device, dtype = paths.device_and_dtype(weight_dtype)
         sd = load_checkpoint(path, device=device, dtype=dtype)  # the file's own errors name it: not wrapped
+        speed_options.apply(sd, speed_options.SpeedOptions.parse(speed, device, sd.config.unet.model_channels))
         tokenizer = make_tokenizer(node, path, sd.config.clip, sd.family.text[0])
         source = ckpt_name if path == builtin.CHECKPOINT else path.name
         unet = GlassUNet(DiffusionModel.from_checkpoint(sd, source=source))

@@ -126,3 +126,18 @@ def test_bench_refuses_comfyui_without_a_checkout(capsys):
     rc = cli.main(["bench", "--engines", "comfyui", "--checkpoint", str(builtin.CHECKPOINT)])
     assert rc == cli.INVALID
     assert "--comfyui DIR" in capsys.readouterr().err
+
+
+def test_checkpoint_loader_speed_input():
+    from glass_diffusion.nodes.loaders import GlassCheckpointLoader
+    from glass_diffusion.nodes.types import NodeInputError
+
+    def first_weight(unet):
+        return unet.model.unet.input_blocks[0][0].weight
+
+    unet = GlassCheckpointLoader().load(builtin.NAME, "fp32", speed="channels_last")[0]
+    assert speed.memory_format_of(first_weight(unet)) == torch.channels_last
+    unet = GlassCheckpointLoader().load(builtin.NAME, "fp32")[0]  # default: glass-tiny is narrow, plain layout
+    assert speed.memory_format_of(first_weight(unet)) == torch.contiguous_format
+    with pytest.raises(NodeInputError, match="GlassCheckpointLoader: input 'speed'"):
+        GlassCheckpointLoader().load(builtin.NAME, "fp32", speed="fastest")
