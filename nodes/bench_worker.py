@@ -178,10 +178,12 @@ class ComfyEngine(_Engine):
             comfy.cli_args.args.force_fp32 = True
         elif a.dtype == "fp16":
             comfy.cli_args.args.force_fp16 = True
+        import importlib
+
         import comfy.sd
-        import nodes as comfy_nodes
+        # ComfyUI's own top-level `nodes` module (this worker runs in ComfyUI's process, never inside the pack)
+        self.nodes = importlib.import_module("nodes")
         sys.argv = argv
-        self.nodes = comfy_nodes
         out = comfy.sd.load_checkpoint_guess_config(a.checkpoint, output_vae=True, output_clip=True)
         self.model, self.clip, self.vae = out[:3]
         self.unet_dtype = str(self.model.model.get_dtype())
