@@ -134,10 +134,13 @@ FULLSIZE = ("kohya_lora_diffusers_names", "kohya_locon_ldm_names", "peft", "loha
 @pytest.mark.fullsize
 @pytest.mark.parametrize("name", FULLSIZE)
 def test_lora_parity_fullsize(name, sd15_full, tmp_path, caplog):
-    n_unet, n_clip = check_parity(name, sd15_full.model, sd15_full.config, tmp_path, caplog)
+    n_unet, n_clip = check_parity(name, sd15_full.model, sd15_full.config, tmp_path, caplog, full=True)
     gc.collect()
-    # SD 1.5: 16 transformers x 12 layers = 192 UNet modules (more with LoCon), 12 CLIP layers x 6 = 72
-    if name == "full_diff":
-        assert n_unet >= 8 and n_clip == 2 * 48  # CLIP attention: 12 layers x 4 projections, weight and bias
-    else:
+    targets = FORMATS[name][1].get("full_targets")
+    twice = 2 if name == "full_diff" else 1  # diff patches weight and bias
+    if targets == "convs":  # 3 down- + 3 upsamplers, conv_in, conv_out, a linear; CLIP: 12 layers x 4 projections
+        assert n_unet == 9 * twice and n_clip == 48 * twice
+    elif targets == "resamplers":
+        assert n_unet == 6 and n_clip == 48
+    else:  # SD 1.5: 16 transformers x 12 layers = 192 UNet modules (more with LoCon), 12 CLIP layers x 6 = 72
         assert n_unet >= 192 and n_clip == 72
