@@ -315,6 +315,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load_registry() -> dict:
+    """The node registry, imported with Ctrl-C only noted until the imports are done, then raised as
+    KeyboardInterrupt. A KeyboardInterrupt raised inside an extension module's import is not safe: torch's C++
+    start-up imports numpy and clears any error, so an interrupt there was swallowed (the run then went on as if
+    nothing happened) or left numpy half-imported ("cannot load module more than once")."""
+    if threading.current_thread() is not threading.main_thread():
+        return default_registry()
+    noted = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        registry = default_registry()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if noted:
+        raise KeyboardInterrupt
+    return registry
+
+
 def main(argv: list[str] | None = None, registry: dict | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # exits 2 on bad arguments
@@ -324,7 +342,7 @@ def main(argv: list[str] | None = None, registry: dict | None = None) -> int:
         notes.print_to_stderr()  # what nodes did on their own (a size rounded, unknown prompt words): "note: ..."
         lines = progress.plain_lines.set(True)  # a plain line per step when stderr is not a terminal
         try:
-            return handler(args, default_registry() if registry is None else registry)
+            return handler(args, _load_registry() if registry is None else registry)
         except GraphValidationError as e:  # e.g. a malformed editor file met by convert
             _print_errors(e.errors)
             return INVALID
