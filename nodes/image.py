@@ -86,6 +86,30 @@ def _metadata_disabled() -> bool:
     return bool(getattr(args, "disable_metadata", False))
 
 
+def output_target(node: str, filename_prefix: str, root: Path, width: int, height: int) -> tuple:
+    """(folder, name, subfolder) for files '<name>_NNNNN_<suffix>' named by a filename_prefix under root (made if
+    missing); NodeInputError(node, 'filename_prefix') when the prefix names nothing or leaves the folder."""
+    problem = check_prefix(filename_prefix)
+    if problem is not None:
+        raise NodeInputError(node, "filename_prefix", problem)
+    root = Path(root).resolve()
+    prefix = _expand_prefix(filename_prefix, width, height)
+    target = (root / os.path.normpath(prefix)).resolve()
+    if target == root:
+        raise NodeInputError(node, "filename_prefix",
+                             f"{filename_prefix!r} names no file; give a prefix such as 'Glass'")
+    if root not in target.parents:
+        raise NodeInputError(node, "filename_prefix", f"{filename_prefix!r} points outside the folder {root}")
+    folder, name = target.parent, target.name
+    subfolder = "" if folder == root else folder.relative_to(root).as_posix()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a subfolder should be, no permission, ...
+        raise NodeInputError(node, "filename_prefix", f"cannot make the folder {folder}: "
+                                                      f"{e.strerror or type(e).__name__}") from None
+    return folder, name, subfolder
+
+
 def save_images(images: torch.Tensor, filename_prefix: str, root: Path, *, node: str, prompt=None,
                 extra_pnginfo=None, compress_level: int = 4, folder_type: str = "output",
                 unique_id=None) -> list[dict]:
@@ -100,24 +124,7 @@ def save_images(images: torch.Tensor, filename_prefix: str, root: Path, *, node:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
         raise NodeInputError(node, "images", f"expected an IMAGE tensor [B, H, W, 3], got "
                                              f"{getattr(images, 'shape', type(images).__name__)}")
-    problem = check_prefix(filename_prefix)
-    if problem is not None:
-        raise NodeInputError(node, "filename_prefix", problem)
-    root = Path(root).resolve()
-    prefix = _expand_prefix(filename_prefix, images.shape[2], images.shape[1])
-    target = (root / os.path.normpath(prefix)).resolve()
-    if target == root:
-        raise NodeInputError(node, "filename_prefix",
-                             f"{filename_prefix!r} names no file; give a prefix such as 'Glass'")
-    if root not in target.parents:
-        raise NodeInputError(node, "filename_prefix", f"{filename_prefix!r} points outside the folder {root}")
-    folder, name = target.parent, target.name
-    subfolder = "" if folder == root else folder.relative_to(root).as_posix()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file where a subfolder should be, no permission, ...
-        raise NodeInputError(node, "filename_prefix", f"cannot make the folder {folder}: "
-                                                      f"{e.strerror or type(e).__name__}") from None
+    folder, name, subfolder = output_target(node, filename_prefix, root, images.shape[2], images.shape[1])
 
     metadata = PngInfo()
     if _metadata_disabled():

@@ -2,9 +2,9 @@
 executor. Node ids are permanent (saved workflows name them): add new ones, never rename or reuse."""
 from __future__ import annotations
 
-from . import controlnet, image, latent, loaders, lora, sampling, text, vae
+from . import controlnet, explain, image, latent, loaders, lora, sampling, text, vae
 
-MODULES = (loaders, lora, text, latent, vae, sampling, image, controlnet)
+MODULES = (loaders, lora, text, latent, vae, sampling, image, controlnet, explain)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import attention_maps
 from . import checkpoint as ckpt
 from .unet import ConvIn, Downsample, ResBlock, SpatialTransformer, UNetBlock, UNetConfig, timestep_embedding
 
@@ -453,8 +454,9 @@ class ControlRunner:
             if sigma > s_start or sigma < s_end:
                 continue
             dev = link.net.device
-            r = link.net(x_scaled.to(dev), self._hint(i, *x_scaled.shape[-2:], n, b), t.to(dev),
-                         context.to(dev)).scaled(link.strength)
+            with attention_maps.paused():  # attention maps are the UNet's, not the ControlNet's
+                r = link.net(x_scaled.to(dev), self._hint(i, *x_scaled.shape[-2:], n, b), t.to(dev),
+                             context.to(dev)).scaled(link.strength)
             total = r if total is None else total + r
         if total is None:
             return None

@@ -342,6 +342,11 @@ class CLIPTokenizer:
         pieces = [p for p, _ in self._split.pre_tokenize_str(self.clean(text))]
         return [p for p in dict.fromkeys(pieces) if p.isalpha() and p + "</w>" not in self.vocab]
 
+    def pieces(self, text: str) -> list:
+        """The pre-tokenizer's pieces of `text` after clean-up, as (piece, start, end) offsets into `self.clean(text)`:
+        each piece is BPE-encoded on its own, so the ids of `text` are the ids of its pieces in order."""
+        return [(p, a, b) for p, (a, b) in self._split.pre_tokenize_str(self.clean(text))]
+
     def tokens(self, text: str) -> list:
         """The BPE token strings of `text` (for inspection and error messages)."""
         return [self._id_to_token[i] for i in self.encode(text)]

@@ -22,6 +22,7 @@ PERMANENT_IDS = {
     "GlassVAEEncodeTiled", "GlassVAEDecodeTiled", "GlassVAEEncodeForInpaint", "GlassScheduler",
     "GlassSamplerSelect", "GlassSample", "GlassDenoiseSteps", "GlassUNetPredict", "GlassKSampler",
     "GlassLoadImage", "GlassSaveImage", "GlassPreviewImage",
+    "GlassAttentionMaps", "GlassStepFilm", "GlassSaveAnimation",
 }
 
 
@@ -47,7 +48,7 @@ def test_node_class_contract(node_id):
     if hasattr(cls, "RETURN_NAMES"):
         assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
     for t in cls.RETURN_TYPES:
-        assert t in COMFY_DATA_TYPES | OUR_TYPES, t
+        assert t in COMFY_DATA_TYPES | OUR_TYPES | {"STRING"}, t  # STRING: ComfyUI's text type
     for spec in input_specs(cls).values():
         if spec.category == "hidden":
             assert spec.type in ("PROMPT", "EXTRA_PNGINFO", "UNIQUE_ID")
