@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import paths
+from . import comfy_memory, paths
 from .latent import check_mask
 from .loaders import DTYPE_CHOICES, DTYPE_TOOLTIP
 from .types import CONDITIONING, IMAGE, MASK, NodeInputError
@@ -82,6 +82,7 @@ class GlassControlNetLoader:
                 raise NodeInputError(node, "control_net_name", f"no file {control_net_name!r} in {where}")
         device, dtype = paths.device_and_dtype(weight_dtype)
         net = load_controlnet(path, device=device, dtype=dtype)  # CheckpointError names the file
+        comfy_memory.register(net, lambda: load_controlnet(path, device="cpu", dtype=dtype).state_dict(), "control")
         return (GlassControlNet(net, source=control_net_name),)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import paths
+from . import comfy_memory, paths
 from .types import GLASS_CLIP, GLASS_UNET, GLASS_VAE, GlassCLIP, GlassUNet, GlassVAE, NodeInputError
 
 CATEGORY = "Glass Diffusion/loaders"
@@ -89,6 +89,14 @@ def missing_checkpoint(ckpt_name: str) -> str:
             f"names the folder holding checkpoints/), or choose one of: {choices}")
 
 
+def _reader(load, path: Path, dtype, part: str = ""):
+    """For ComfyUI's model management (nodes/comfy_memory.py): reads a network's weights again from its file."""
+    def read():
+        loaded = load(path, device="cpu", dtype=dtype)
+        return (getattr(loaded, part) if part else loaded).state_dict()
+    return read
+
+
 class GlassCheckpointLoader:
     @classmethod
     def INPUT_TYPES(cls):
@@ -141,6 +149,8 @@ class GlassCheckpointLoader:
                          embeddings_dir=paths.embeddings_dir(), source=source)
         vae_model = sd.vae.to(paths.vae_dtype(weight_dtype, dtype))
         vae = GlassVAE(vae_model, source=source)
+        for net, part, kind in ((sd.unet, "unet", "unet"), (sd.clip, "clip", "text_encoder"), (vae_model, "vae", "vae")):
+            comfy_memory.register(net, _reader(load_checkpoint, path, dtype, part), kind)  # inside ComfyUI only
         return (unet, clip, vae)
 
 
@@ -168,7 +178,9 @@ class GlassVAELoader:
         path = _resolve(node, "vae_name", "vae", vae_name)
         device, dtype = paths.device_and_dtype(weight_dtype)
         dtype = paths.vae_dtype(weight_dtype, dtype)
-        return (GlassVAE(load_vae(path, device=device, dtype=dtype), source=path.name),)
+        vae = load_vae(path, device=device, dtype=dtype)
+        comfy_memory.register(vae, _reader(load_vae, path, dtype), "vae")  # inside ComfyUI only
+        return (GlassVAE(vae, source=path.name),)
 
 
 NODE_CLASS_MAPPINGS = {"GlassCheckpointLoader": GlassCheckpointLoader, "GlassVAELoader": GlassVAELoader}

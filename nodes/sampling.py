@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import progress
+from . import comfy_memory, progress
 from .types import (CONDITIONING, GLASS_SAMPLER, GLASS_UNET, LATENT, SIGMAS, GlassSampler, GlassUNet,
                     NodeInputError, node_inputs)
 
@@ -64,6 +64,20 @@ class _Progress:
         self.bar.close()
 
 
+def use_networks(unet: GlassUNet, *conditionings) -> None:
+    """Inside ComfyUI: have its model management load the UNet and the ControlNets riding on the conditionings."""
+    from ..sd_core.controlnet import CONTROL_KEY
+    nets, seen = [unet.model.unet], set()
+    for cond in conditionings:
+        for _, opts in cond or ():
+            app = opts.get(CONTROL_KEY) if isinstance(opts, dict) else None
+            while app is not None and id(app) not in seen:
+                seen.add(id(app))
+                nets.append(app.net)
+                app = app.previous
+    comfy_memory.use(*nets)
+
+
 def run_sampler(node: str, unet: GlassUNet, positive, negative, latent: dict, request,
                 **param_inputs: str):
     """sd_core.sampling.sample with progress; returns (LATENT result, LATENT last x0 estimate). sd_core's
@@ -73,6 +87,7 @@ def run_sampler(node: str, unet: GlassUNet, positive, negative, latent: dict, re
     with node_inputs(node, **{"latent": "latent_image", **param_inputs}):
         total = len(plan_sigmas(unet.model.sampling, request)) - 1  # the exact schedule: it sizes the progress bar
         progress.check_cancel()
+        use_networks(unet, positive, negative)
         bar = _Progress(max(total, 1), node, unet.model.latent_format)
         try:
             with torch.no_grad():
@@ -290,6 +305,7 @@ class GlassUNetPredict:
                     raise NodeInputError(node, "step", f"must be in 0..{len(sigmas) - 1}, got {step}")
                 sigma = float(sigmas[step])
             progress.check_cancel()
+            use_networks(unet, positive, negative)
             return guided_eval(unet.model, positive, negative, latent, cfg, sigma)
 
 

@@ -1,6 +1,7 @@
 """Text nodes: prompt encoding (ComfyUI or AUTOMATIC1111 weighting) and clip skip."""
 from __future__ import annotations
 
+from . import comfy_memory
 from .types import CONDITIONING, GLASS_CLIP, GlassCLIP, NodeInputError, node_inputs
 from .notes import note
 
@@ -50,6 +51,7 @@ class GlassTextEncode:
         from ..sd_core.errors import ParamError
         node = "GlassTextEncode"
         clip = check_clip(node, clip)
+        comfy_memory.use(clip.model)  # inside ComfyUI: loaded by its model management
         if not isinstance(text, str):
             raise NodeInputError(node, "text", f"expected a string, got {type(text).__name__}")
         # the clip skip and the tokenizer travel in the clip input; the prompt's own problems are the text's

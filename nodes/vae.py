@@ -5,7 +5,7 @@ IMAGE [B, H, W, 3] in 0..1 <-> VAE input [B, 3, H, W] in -1..1. LATENTs are the 
 """
 from __future__ import annotations
 
-from . import progress
+from . import comfy_memory, progress
 from .latent import EMPTY_MASK, check_latent
 from .notes import note
 from .types import GLASS_VAE, IMAGE, LATENT, MASK, GlassVAE, NodeInputError, node_inputs
@@ -54,6 +54,7 @@ class GlassVAEEncode:
         from ..sd_core import pixels as px
         node = "GlassVAEEncode"
         vae = check_vae(node, vae)
+        comfy_memory.use(vae.model)  # inside ComfyUI: loaded by its model management
         with node_inputs(node):
             pixels = px.crop_to_multiple(note_crop(node, px.check_image(pixels, "pixels", vae.downscale),
                                                    vae.downscale), vae.downscale)
@@ -78,6 +79,7 @@ class GlassVAEDecode:
         from ..sd_core import pixels as px
         node = "GlassVAEDecode"
         vae = check_vae(node, vae)
+        comfy_memory.use(vae.model)  # inside ComfyUI: loaded by its model management
         return (px.decode_latent(vae.model, check_latent(node, "samples", samples)),)
 
 
@@ -109,6 +111,7 @@ class GlassVAEEncodeTiled:
         from ..sd_core import pixels as px
         node = "GlassVAEEncodeTiled"
         vae = check_vae(node, vae)
+        comfy_memory.use(vae.model)  # inside ComfyUI: loaded by its model management
         with node_inputs(node):
             note_crop(node, px.check_image(pixels), vae.downscale)
             bar, on_tile = _tile_progress(px.tiles_of(px.check_image(pixels).shape, tile_size, overlap,
@@ -139,6 +142,7 @@ class GlassVAEDecodeTiled:
         from ..sd_core import pixels as px
         node = "GlassVAEDecodeTiled"
         vae = check_vae(node, vae)
+        comfy_memory.use(vae.model)  # inside ComfyUI: loaded by its model management
         z = check_latent(node, "samples", samples)
         with node_inputs(node):
             bar, on_tile = _tile_progress(px.tiles_of(z.shape, tile_size, overlap, vae.downscale, pixel_space=False))
@@ -172,6 +176,7 @@ class GlassVAEEncodeForInpaint:
         from ..sd_core import pixels as px
         node = "GlassVAEEncodeForInpaint"
         vae = check_vae(node, vae)
+        comfy_memory.use(vae.model)  # inside ComfyUI: loaded by its model management
         if hasattr(mask, "any") and not mask.any():  # a MASK tensor with nothing to repaint
             note(node, "mask", EMPTY_MASK)
         with node_inputs(node):
