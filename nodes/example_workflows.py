@@ -8,7 +8,7 @@ check "convert(UI) == API twin" exercises the converter. Regenerate with
 ``python -m glass_diffusion.nodes.example_workflows`` (from outside the repo root, so that
 ``glass_diffusion`` is the installed package).
 
-Every workflow but inpaint_9channel runs on the built-in model "glass-tiny (built-in)" (sd_core/builtin), so it
+Every workflow but inpaint_9channel and sd2_v_rescale_cfg (which need a user's checkpoint) runs on the built-in model "glass-tiny (built-in)" (sd_core/builtin), so it
 needs no downloaded file: 64x64 pixels, prompts from its toy grammar (sd_core/toy_data.py), cfg 3. For an
 SD 1.5 checkpoint, pick it in the loader and raise the sizes (512 px), cfg (7-8) and prompts to suit.
 """
@@ -27,6 +27,7 @@ PACK_VERSION = "0.1.0"
 BUILTIN = builtin.NAME              # the default checkpoint of the shipped workflows (ships with the package)
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # a user's SD 1.5 checkpoint (the tests write a tiny one by this name)
 INPAINT_CHECKPOINT = "sd-v1-5-inpainting.safetensors"
+SD2_V_CHECKPOINT = "v2-1_768-ema-pruned.safetensors"  # a user's SD 2.1 768-v checkpoint
 # The input images the workflows load, drawn by our own code and shipped in workflows/input/ (nodes/shipped.py):
 # found by bare name in the input folder first, then in the package. A glass-tiny scene, and the same scene
 # with an alpha hole over its shape (LoadImage's mask = 1 - alpha: the hole is what inpainting repaints).
@@ -280,6 +281,19 @@ def inpaint_9channel(g: Graph):
     g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="inpaint_9ch")
 
 
+def sd2_v_rescale_cfg(g: Graph):
+    """SD 2.x v-prediction at 768 px: the sampling set to v_prediction (Model Sampling Discrete), RescaleCFG 0.7 against over-exposure at cfg 7. Needs an SD 2.x 768-v checkpoint such as v2-1_768-ema-pruned.safetensors in models/checkpoints (the built-in model is SD 1.x-shaped)."""
+    loader, pos, neg = _base(g, ckpt=SD2_V_CHECKPOINT, prompt="a lighthouse on a cliff at sunset, oil painting",
+                             negative=SD15_NEGATIVE)
+    ms = g.add("GlassModelSamplingDiscrete", "Model Sampling", unet=loader[0], sampling="v_prediction", zsnr=False)
+    rescale = g.add("GlassRescaleCFG", "Rescale CFG", unet=ms[0], multiplier=0.7)
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=768, height=768, batch_size=1)
+    ks = g.add("GlassKSampler", "Sampler", unet=rescale[0], seed=42, steps=20, cfg=7.0, sampler_name="euler",
+               scheduler="normal", positive=pos[0], negative=neg[0], latent_image=empty[0], denoise=1.0)
+    image = g.add("GlassVAEDecode", "Decode", samples=ks[0], vae=loader[2])
+    g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="sd2_v")
+
+
 def hires_fix(g: Graph):
     """Two-stage hires fix: 64 px pass, latent upscale to 128 px, second pass at denoise 0.5, tiled decode (for SD 1.5: 512 -> 768 px)."""
     loader, pos, neg = _base(g)
@@ -425,6 +439,7 @@ WORKFLOWS = {
     "batch_of_seeds": batch_of_seeds,
     "lora": lora,
     "controlnet": controlnet,
+    "sd2_v_rescale_cfg": sd2_v_rescale_cfg,
 }
 
 
@@ -432,6 +447,7 @@ WORKFLOWS = {
 # runs as shipped, on the built-in model and the shipped input images (tests/test_wheel.py runs them by name).
 USER_FILES = {
     "inpaint_9channel": [("checkpoints", INPAINT_CHECKPOINT, "the SD 1.5 inpainting checkpoint, 9-channel UNet")],
+    "sd2_v_rescale_cfg": [("checkpoints", SD2_V_CHECKPOINT, "an SD 2.x 768-v checkpoint (v-prediction)")],
 }
 
 

@@ -1,4 +1,4 @@
-"""Loader nodes: a single-file SD 1.x checkpoint (-> UNet, CLIP, VAE) and a standalone VAE.
+"""Loader nodes: a single-file SD 1.x / SD 2.x checkpoint (-> UNet, CLIP, VAE) and a standalone VAE.
 
 Files are listed from ComfyUI's models/checkpoints and models/vae inside ComfyUI, and from
 <models_dir>/checkpoints and <models_dir>/vae headless (nodes/paths.py). The checkpoint list always starts
@@ -102,8 +102,8 @@ class GlassCheckpointLoader:
     def INPUT_TYPES(cls):
         from ..sd_core import builtin
         return {"required": {
-            "ckpt_name": (checkpoint_names(), {"default": builtin.NAME, "tooltip": "An SD 1.x single-file "
-                          "checkpoint (.safetensors preferred) from the checkpoints folder, or the built-in "
+            "ckpt_name": (checkpoint_names(), {"default": builtin.NAME, "tooltip": "An SD 1.x or SD 2.x single-"
+                          "file checkpoint (.safetensors preferred) from the checkpoints folder, or the built-in "
                           f"{builtin.NAME!r}: a tiny model that ships with Glass Diffusion, knows only simple "
                           "shape prompts ('a red circle on a blue background') and works at 64x64."}),
             "weight_dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
@@ -122,11 +122,11 @@ class GlassCheckpointLoader:
     RETURN_TYPES = (GLASS_UNET, GLASS_CLIP, GLASS_VAE)
     RETURN_NAMES = ("unet", "clip", "vae")
     OUTPUT_TOOLTIPS = ("The denoising UNet with its noise schedule (4- or 9-channel inpainting).",
-                       "The CLIP text encoder with its tokenizer.",
+                       "The text encoder (CLIP, or OpenCLIP for SD 2.x) with its tokenizer.",
                        "The autoencoder between pixels and latents.")
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Loads an SD 1.x checkpoint into Glass Diffusion's own UNet, CLIP and VAE."
+    DESCRIPTION = "Loads an SD 1.x or SD 2.x checkpoint into Glass Diffusion's own UNet, text encoder and VAE."
 
     def load(self, ckpt_name, weight_dtype="auto", speed="default"):
         from ..sd_core import builtin

@@ -1,5 +1,7 @@
 """Sampling nodes: scheduler (-> SIGMAS), sampler choice (-> GLASS_SAMPLER), the full denoise loop, a
-denoise-steps node running steps [start, end) of a schedule, a UNet-predict node, and a KSampler.
+denoise-steps node running steps [start, end) of a schedule, a UNet-predict node, a KSampler, and two nodes that
+return a re-configured copy of the UNet handle: the prediction type / zero-terminal-SNR override
+(ModelSamplingDiscrete) and RescaleCFG.
 
 All of them call sd_core.sampling.sample (ComfyUI's KSampler semantics: noise, latent scale, noise masks,
 9-channel inpainting). Progress goes through nodes/progress.py: ComfyUI's progress bar, Cancel button and
@@ -342,9 +344,73 @@ class GlassKSampler:
         return (out,)
 
 
+SAMPLING_CHOICES = {"eps": "eps", "v_prediction": "v"}  # ModelSamplingDiscrete's names -> sd_core's predictions
+
+
+class GlassModelSamplingDiscrete:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet": (GLASS_UNET, {"tooltip": "The UNet whose prediction type and noise schedule are set."}),
+            "sampling": (list(SAMPLING_CHOICES), {"default": "eps", "tooltip":
+                         "What the UNet predicts: eps (noise; SD 1.x, SD 2.x 512) or v_prediction (SD 2.x 768-v). "
+                         "Overrides the loader's guess."}),
+            "zsnr": ("BOOLEAN", {"default": False, "tooltip": "Zero terminal SNR: the schedule rescaled so its "
+                     "last step is pure noise (for models trained that way)."}),
+        }}
+
+    RETURN_TYPES = (GLASS_UNET,)
+    OUTPUT_TOOLTIPS = ("The same UNet (weights shared) with this prediction type and schedule.",)
+    FUNCTION = "patch"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Sets the UNet's prediction type (eps / v_prediction) and zero-terminal-SNR schedule (as ModelSamplingDiscrete)."
+
+    def patch(self, unet, sampling, zsnr=False):
+        from ..sd_core.schedules import ModelSampling
+        node = "GlassModelSamplingDiscrete"
+        unet = check_unet(node, unet)
+        if sampling not in SAMPLING_CHOICES:
+            raise NodeInputError(node, "sampling", f"{sampling!r} is not one of {list(SAMPLING_CHOICES)}")
+        with node_inputs(node, prediction="sampling"):
+            ms = ModelSampling(unet.family.schedule, SAMPLING_CHOICES[sampling], zsnr=bool(zsnr))
+        return (unet.with_sampling(ms),)
+
+
+class GlassRescaleCFG:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet": (GLASS_UNET, {"tooltip": "The UNet to sample with rescaled guidance."}),
+            "multiplier": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                           "How much of the rescaled guidance to use: 0 = plain CFG, 1 = fully rescaled."}),
+        }}
+
+    RETURN_TYPES = (GLASS_UNET,)
+    OUTPUT_TOOLTIPS = ("The same UNet (weights shared); samplers using it rescale classifier-free guidance.",)
+    FUNCTION = "patch"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("RescaleCFG: the guided prediction rescaled towards the positive prompt's spread (Lin et al. 2023), "
+                   "against the over-exposure of high cfg; made for v-prediction models.")
+
+    def patch(self, unet, multiplier):
+        import math
+        node = "GlassRescaleCFG"
+        unet = check_unet(node, unet)
+        try:
+            value = float(multiplier)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if isinstance(multiplier, bool) or not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise NodeInputError(node, "multiplier", f"must be a number in 0..1, got {multiplier!r}")
+        return (unet.replace(rescale_cfg=value),)
+
+
 NODE_CLASS_MAPPINGS = {"GlassScheduler": GlassScheduler, "GlassSamplerSelect": GlassSamplerSelect,
                        "GlassSample": GlassSample, "GlassDenoiseSteps": GlassDenoiseSteps,
-                       "GlassUNetPredict": GlassUNetPredict, "GlassKSampler": GlassKSampler}
+                       "GlassUNetPredict": GlassUNetPredict, "GlassKSampler": GlassKSampler,
+                       "GlassModelSamplingDiscrete": GlassModelSamplingDiscrete, "GlassRescaleCFG": GlassRescaleCFG}
 NODE_DISPLAY_NAME_MAPPINGS = {"GlassScheduler": "Scheduler (Glass)", "GlassSamplerSelect": "Sampler Select (Glass)",
                               "GlassSample": "Sample (Glass)", "GlassDenoiseSteps": "Denoise Steps (Glass)",
-                              "GlassUNetPredict": "UNet Predict (Glass)", "GlassKSampler": "KSampler (Glass)"}
+                              "GlassUNetPredict": "UNet Predict (Glass)", "GlassKSampler": "KSampler (Glass)",
+                              "GlassModelSamplingDiscrete": "Model Sampling Discrete (Glass)",
+                              "GlassRescaleCFG": "Rescale CFG (Glass)"}

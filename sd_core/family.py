@@ -13,8 +13,19 @@ A `ModelFamily` row holds
   default layer, pooled output); a tuple, since a family may condition on more than one encoder;
 - `unet_in_channels`: 4, or 9 for inpainting models (latent + mask + masked-image latent).
 
-`FAMILIES` lists the rows Glass Diffusion loads, in detection order; `LOOKALIKES` the families it recognises and
-refuses (SDXL, SD 3, Flux, ...). `detect(entries)` returns the first row (or look-alike) that matches.
+`FAMILIES` lists the rows Glass Diffusion loads, in detection order (SD 1.x, SD 1.x inpainting, SD 2.x 768-v,
+SD 2.x 512, SD 2.x inpainting); `LOOKALIKES` the families it recognises and refuses (SDXL, SD 3, Flux).
+`detect(entries)` returns the first row (or look-alike) that matches.
+
+SD 2.x is told from SD 1.x by its OpenCLIP text encoder (`cond_stage_model.model.*`), a 1024-wide cross-attention
+context or linear `proj_in` weights; 768-v from 512-base as ComfyUI does it (the population std of
+`output_blocks.11.1.transformer_blocks.0.norm1.bias` above 0.09 means v-prediction; 9-channel files are eps).
+A wrong guess is fixed by a sampling override (ModelSamplingDiscrete), as in ComfyUI.
+
+What an SDXL row would add: a second `TextRecipe` (CLIP-L penultimate + OpenCLIP bigG penultimate, concatenated
+to 2048 wide, the bigG pooled vector projected), a vector-conditioning recipe for the UNet's `y` (pooled text +
+size / crop embeddings into `label_emb`), its own `LatentFormat` (scale 0.13025, other preview factors) and
+`infer_config` (three levels, transformer depths 0 / 2 / 10); the fields are there, the network parts are not.
 """
 from __future__ import annotations
 
@@ -28,6 +39,7 @@ import torch
 from .clip import CLIPTextConfig
 from .errors import CheckpointError
 from .model import SDConfig
+from .open_clip import OpenCLIPTextConfig
 from .schedules import ModelSampling, Schedule
 from .unet import UNetConfig
 from .vae import VAEConfig
@@ -37,6 +49,9 @@ VAE = "first_stage_model."
 CLIP_ROOT = "cond_stage_model.transformer."
 CLIP = CLIP_ROOT + "text_model."
 POSITION_IDS = CLIP + "embeddings.position_ids"
+OPEN_CLIP = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14's text tower
+V_PREDICTION_KEY = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+V_PREDICTION_STD = 0.09  # ComfyUI's threshold: std above it -> v-prediction
 _SHOW = 5  # keys listed in an error message
 _VAE_ATTN_WEIGHT = re.compile(r"(^|\.)mid\.attn_1\.(q|k|v|proj_out)\.weight$")
 
@@ -74,7 +89,7 @@ class LatentFormat:
 @dataclass(frozen=True)
 class TextRecipe:
     """One text encoder of a family and how a prompt goes through it."""
-    encoder: str                  # "clip-l" (CLIP ViT-L/14 in Hugging Face names)
+    encoder: str                  # "clip-l" (CLIP ViT-L/14 in Hugging Face names), "open-clip-h" (ViT-H/14, LDM names)
     prefix: str                   # the encoder's checkpoint prefix
     tokenizer: str = "clip-bpe"   # CLIP's 49408-token byte-level BPE
     pad_id: Optional[int] = None  # None: pad with the end token (SD 1.x); else this id
@@ -212,7 +227,7 @@ CLIP_L = TextRecipe(encoder="clip-l", prefix=CLIP_ROOT, pad_id=None, default_lay
 
 
 def _sd1_text_and_unet(view: StateView) -> Optional[str]:
-    if view.has_prefix(UNET) and view.has_prefix(CLIP_ROOT) and not _linear_proj(view):
+    if view.has_prefix(UNET) and view.has_prefix(CLIP_ROOT) and not _sd2_evidence(view):
         return f"{UNET}* with {CLIP_ROOT}*"
     return None
 
@@ -248,7 +263,7 @@ SD1_INPAINT = ModelFamily(
     infer_config=infer_sd1_config, transforms=(CLIP_TEXT_LEVEL, CLIP_POSITION_IDS))
 
 
-# ---------------------------------------------------------------------------------------------- look-alikes
+# ---------------------------------------------------------------------------------------------- SD 2.x
 
 def _linear_proj(view: StateView) -> Optional[str]:
     for k in view.names:
@@ -258,12 +273,90 @@ def _linear_proj(view: StateView) -> Optional[str]:
     return None
 
 
-def _detect_sd2(view: StateView) -> Optional[str]:
-    if view.has_prefix("cond_stage_model.model."):
-        return "cond_stage_model.model.* (OpenCLIP text encoder)"
+def _sd2_evidence(view: StateView) -> Optional[str]:
+    """Why a file with a UNet is SD 2.x (and not SD 1.x), or None."""
+    if not view.has_prefix(UNET):
+        return None
+    if view.has_prefix(OPEN_CLIP):
+        return f"{OPEN_CLIP}* (OpenCLIP text encoder)"
+    to_k = view.shape(UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight")
+    if to_k is not None and len(to_k) == 2 and to_k[1] == 1024:
+        return "context width 1024 (middle_block.1.transformer_blocks.0.attn2.to_k.weight)"
     linear = _linear_proj(view)
     return f"linear {linear}" if linear else None
 
+
+def _v_prediction_std(view: StateView) -> Optional[float]:
+    t = view.tensor(V_PREDICTION_KEY)
+    return None if t is None else float(t.double().std(unbiased=False))
+
+
+def _detect_sd2_v(view: StateView) -> Optional[str]:
+    evidence = _sd2_evidence(view)
+    if not evidence or _in_channels(view) not in (None, 4):
+        return None
+    std = _v_prediction_std(view)
+    if std is None or not std > V_PREDICTION_STD:
+        return None
+    return f"{evidence}; std of {V_PREDICTION_KEY} = {std:.3f} > {V_PREDICTION_STD}: v-prediction"
+
+
+def _detect_sd2(view: StateView) -> Optional[str]:
+    evidence = _sd2_evidence(view)
+    if not evidence or _in_channels(view) not in (None, 4):
+        return None
+    std = _v_prediction_std(view)
+    why = f"no {V_PREDICTION_KEY} values" if std is None else \
+        f"std of {V_PREDICTION_KEY} = {std:.3f} <= {V_PREDICTION_STD}"
+    return f"{evidence}; {why}: eps-prediction"
+
+
+def _detect_sd2_inpaint(view: StateView) -> Optional[str]:
+    evidence = _sd2_evidence(view)
+    return f"{evidence}; 9 UNet input channels" if evidence and _in_channels(view) == 9 else None
+
+
+def _detect_sd2_other(view: StateView) -> Optional[str]:
+    """SD 2.x UNets with other input channels: depth-to-image (5), the x4 upscaler (7)."""
+    evidence = _sd2_evidence(view)
+    channels = _in_channels(view)
+    return f"{evidence}; {channels} UNet input channels" if evidence and channels not in (None, 4, 9) else None
+
+
+def infer_sd2_config(shapes: Mapping, path="<state dict>") -> SDConfig:
+    """SDConfig from shapes with SD 2.x's 64-channel heads and fp32 attention; the OpenCLIP text encoder's."""
+    if not any(k.startswith(OPEN_CLIP) for k in shapes):
+        raise CheckpointError(path, f"has an SD 2.x UNet but no {OPEN_CLIP}* (OpenCLIP) text encoder; first keys: "
+                                    f"{few(sorted(k for k in shapes if not k.startswith(UNET)))}")
+    return SDConfig(unet=infer_unet_config(shapes, path=path, head_dim=64, attention_fp32=True),
+                    clip=infer_open_clip_config(shapes, path=path), vae=infer_vae_config(shapes, VAE, path=path))
+
+
+def _logit_scale(path, entries: dict) -> dict:
+    """`logit_scale` (CLIP's contrastive temperature, unused by conditioning) missing: recreated as log(100)."""
+    key = OPEN_CLIP + "logit_scale"
+    if key not in entries and any(k.startswith(OPEN_CLIP) for k in entries):
+        entries = {**entries, key: Entry((), torch.float32, lambda: torch.tensor(math.log(100.0)))}
+    return entries
+
+
+OPEN_CLIP_LOGIT_SCALE = KeyTransform("missing OpenCLIP logit_scale recreated", _logit_scale)
+# pad with 0, read the penultimate layer; the pooled vector goes through text_projection
+OPEN_CLIP_H = TextRecipe(encoder="open-clip-h", prefix=OPEN_CLIP, pad_id=0, default_layer=-2, pooled=True)
+
+
+def _sd2_row(name: str, label: str, prediction: str, in_channels: int, detect) -> ModelFamily:
+    return ModelFamily(name=name, label=label, line="SD 2.x", prediction=prediction, schedule=SD_SCHEDULE,
+                       latent=SD1_LATENT, text=(OPEN_CLIP_H,), unet_in_channels=in_channels, detect=detect,
+                       infer_config=infer_sd2_config, transforms=(OPEN_CLIP_LOGIT_SCALE,))
+
+
+SD2 = _sd2_row("sd2", "SD 2.x 512", "eps", 4, _detect_sd2)
+SD2_V = _sd2_row("sd2-v", "SD 2.x 768-v", "v", 4, _detect_sd2_v)
+SD2_INPAINT = _sd2_row("sd2-inpaint", "SD 2.x inpainting", "eps", 9, _detect_sd2_inpaint)
+
+
+# ---------------------------------------------------------------------------------------------- look-alikes
 
 def _detect_prefix(prefix: str) -> Callable[[StateView], Optional[str]]:
     def detect(view: StateView) -> Optional[str]:
@@ -283,10 +376,10 @@ LOOKALIKES = (
     LookAlike("sdxl", "SDXL", _detect_prefix("conditioner.embedders.")),
     LookAlike("sd3", "SD 3", _detect_part("joint_blocks.")),
     LookAlike("flux", "Flux", _detect_part("double_blocks.")),
-    LookAlike("sd2", "SD 2.x", _detect_sd2),
+    LookAlike("sd2-other", "SD 2.x depth or upscaler", _detect_sd2_other),
 )
 
-FAMILIES = (SD1, SD1_INPAINT)
+FAMILIES = (SD1, SD1_INPAINT, SD2_V, SD2, SD2_INPAINT)
 
 
 # ---------------------------------------------------------------------------------------------- detection
@@ -327,10 +420,14 @@ def family_named(name: str) -> ModelFamily:
     raise ValueError(f"unknown model family {name!r}; known: {[f.name for f in FAMILIES]}")
 
 
+TEXT_CONFIGS = {"clip-l": CLIPTextConfig, "open-clip-h": OpenCLIPTextConfig}  # TextRecipe.encoder -> config
+
+
 def family_of_config(config: SDConfig) -> ModelFamily:
-    """The family a network config belongs to by structure alone (for models built in code, not loaded)."""
+    """The family a network config belongs to by structure alone (for models built in code, not loaded); an SD 2.x
+    4-channel config is 512-eps or 768-v by its weights, not its structure: pass the family."""
     matches = [f for f in FAMILIES if f.unet_in_channels == config.unet.in_channels
-               and isinstance(config.clip, CLIPTextConfig)]
+               and isinstance(config.clip, TEXT_CONFIGS[f.text[0].encoder])]
     if len(matches) != 1:
         raise ValueError(f"cannot tell the model family of this config ({len(matches)} candidates); pass family=")
     return matches[0]
@@ -380,9 +477,10 @@ def infer_unet_config(shapes: Mapping, prefix: str = UNET, path="<state dict>", 
         in_channels=conv_in[1], out_channels=get("out.2.weight")[0], model_channels=base, channel_mult=mult,
         num_res_blocks=len(levels[0]), attention_levels=attention,
         num_heads=_divisor(num_heads, channels) if head_dim is None else UNetConfig.num_heads,
+        head_dim=None if head_dim is None else _divisor(head_dim, channels),
         transformer_depth=middle if uniform else depths, context_dim=get(
             "middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
-        norm_groups=_divisor(32, channels), head_dim=head_dim, use_linear_proj=len(proj_in) == 2,
+        norm_groups=_divisor(32, channels), use_linear_proj=len(proj_in) == 2,
         attention_fp32=attention_fp32, transformer_depth_middle=None if uniform else middle)
 
 
@@ -410,6 +508,16 @@ def infer_clip_config(shapes: Mapping, prefix: str = CLIP, path="<state dict>") 
         layers=layers, heads=width // 64 if width % 64 == 0 else 1,
         mlp_width=get("encoder.layers.0.mlp.fc1.weight")[0],
         bos_token_id=vocab - 2, eos_token_id=vocab - 1)  # 49406 / 49407 for the real vocab
+
+
+def infer_open_clip_config(shapes: Mapping, prefix: str = OPEN_CLIP, path="<state dict>") -> OpenCLIPTextConfig:
+    get = _getter(shapes, prefix, path, "OpenCLIP text encoder")
+    vocab, width = get("token_embedding.weight")
+    return OpenCLIPTextConfig(
+        vocab_size=vocab, max_positions=get("positional_embedding")[0], width=width,
+        layers=count(shapes, prefix + "transformer.resblocks."), heads=width // 64 if width % 64 == 0 else 1,
+        mlp_width=get("transformer.resblocks.0.mlp.c_fc.weight")[0], projection_dim=get("text_projection")[1],
+        bos_token_id=vocab - 2, eos_token_id=vocab - 1)
 
 
 def infer_vae_config(shapes: Mapping, prefix: str = "", path="<state dict>") -> VAEConfig:

@@ -19,6 +19,8 @@ def random_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     for name, p in module.named_parameters():
         if "embedding" in name:
             p.normal_(0.0, 0.02, generator=g)
+        elif p.ndim == 0:  # a scalar (OpenCLIP's logit_scale): CLIP's trained value
+            p.fill_(math.log(100.0))
         elif p.ndim == 1 and name.endswith("weight"):  # GroupNorm / LayerNorm scale
             p.normal_(1.0, 0.1, generator=g)
         elif p.ndim == 1:  # biases

@@ -1,8 +1,9 @@
 """Load k-diffusion's `sampling.py` (the test reference) without its package __init__.
 
 `import k_diffusion` needs torchvision / scikit-image, which this project does not install. sampling.py itself
-needs only `utils.py` (which imports torchvision.transforms.functional at module level) and torchdiffeq (used only
-by log_likelihood). Missing ones are replaced by empty stub modules, then the two files are loaded by path.
+(and external.py, the CompVis denoiser wrappers) needs only `utils.py` (which imports
+torchvision.transforms.functional at module level) and torchdiffeq (used only by log_likelihood). Missing ones
+are replaced by empty stub modules, then the files are loaded by path.
 """
 import importlib.util
 import sys
@@ -42,7 +43,7 @@ def load():
     pkg = types.ModuleType("k_diffusion")
     pkg.__path__ = [root]
     sys.modules["k_diffusion"] = pkg
-    for sub in ("utils", "sampling"):
+    for sub in ("utils", "sampling", "external"):
         s = importlib.util.spec_from_file_location(f"k_diffusion.{sub}", f"{root}/{sub}.py")
         m = importlib.util.module_from_spec(s)
         sys.modules[f"k_diffusion.{sub}"] = m
@@ -51,3 +52,9 @@ def load():
     for name in added:  # drop the stubs again: other libraries probe for torchvision with find_spec
         sys.modules.pop(name, None)
     return sys.modules["k_diffusion.sampling"]
+
+
+def load_external():
+    """k_diffusion.external (CompVisDenoiser, CompVisVDenoiser), loaded with sampling.py."""
+    load()
+    return sys.modules["k_diffusion.external"]

@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 from glass_diffusion.nodes import runtime
-from glass_diffusion.nodes.example_workflows import CHECKPOINT, INPAINT_CHECKPOINT, INPUT_IMAGE
+from glass_diffusion.nodes.example_workflows import CHECKPOINT, INPAINT_CHECKPOINT, INPUT_IMAGE, SD2_V_CHECKPOINT
 from glass_diffusion.sd_core.checkpoint import save_checkpoint
 from glass_diffusion.sd_core.model import SDConfig, StableDiffusion
 from glass_diffusion.sd_core.tokenizer import read_vocabulary, vocab_from_merges
-from glass_diffusion.sd_core.family import SD1, SD1_INPAINT
+from glass_diffusion.sd_core.family import SD1, SD1_INPAINT, SD2
+from glass_diffusion.sd_core.random_weights import build_random
 
 DATA = Path(__file__).parent / "data"
 SMALL_BPE = DATA / "text_small_bpe.txt"
@@ -87,8 +88,17 @@ class TinyEnv:
 _ENV: TinyEnv | None = None
 
 
+def save_tiny_sd2(path: Path, seed: int) -> Path:
+    """A tiny SD 2.x checkpoint (OpenCLIP text tower; too few blocks for the v heuristic: loaded as 512-eps)."""
+    model = build_random(SDConfig.tiny_sd2(), seed=seed, family=SD2)
+    save_checkpoint(model, path, dtype=torch.float32)
+    write_vocabulary(path.with_name(path.stem + ".tokenizer"), model.config.clip.vocab_size)
+    return path
+
+
 def tiny_env(tmp_path_factory) -> TinyEnv:
-    """Build once per test session: models/checkpoints/{CHECKPOINT, INPAINT_CHECKPOINT} (+ .tokenizer/ folders),
+    """Build once per test session: models/checkpoints/{CHECKPOINT, INPAINT_CHECKPOINT, SD2_V_CHECKPOINT}
+    (+ .tokenizer/ folders),
     models/vae/tiny_vae.safetensors, input/example.png."""
     global _ENV
     if _ENV is None:
@@ -99,6 +109,7 @@ def tiny_env(tmp_path_factory) -> TinyEnv:
         (models / "embeddings").mkdir()
         save_tiny(models / "checkpoints" / CHECKPOINT, seed=1)
         save_tiny(models / "checkpoints" / INPAINT_CHECKPOINT, seed=2, inpainting=True)
+        save_tiny_sd2(models / "checkpoints" / SD2_V_CHECKPOINT, seed=4)
         save_checkpoint(tiny_sd(3), models / "vae" / VAE_FILE, dtype=torch.float32)
         inp = root / "input"
         inp.mkdir()
@@ -125,13 +136,14 @@ TINY_OVERRIDES = {
     "batch_of_seeds": {**TINY, "Sampler.steps": 2},
     "lora": {"Sampler (LoRA).steps": 2, "Sampler (plain).steps": 2},  # the built-in LoRA needs glass-tiny
     "controlnet": {"Sampler.steps": 2},  # the built-in model: the built-in ControlNet is made for it
+    "sd2_v_rescale_cfg": {"Sampler.steps": 2, "Empty Latent.width": 64, "Empty Latent.height": 64},  # tiny SD 2.x
 }
 # (number of PNG files saved, their pixel size) per workflow at the tiny overrides
 # (as shipped, on the built-in model, the same except hires_fix: 128 px)
 EXPECTED_FILES = {
     "text_to_image": (1, 64), "image_to_image": (1, 64), "inpaint_noise_mask": (1, 64), "inpaint_9channel": (1, 64),
     "hires_fix": (1, 96), "step_by_step": (4, 64), "prompt_weighting": (2, 64), "clip_skip": (2, 64),
-    "batch_of_seeds": (4, 64), "lora": (2, 64), "controlnet": (1, 64),
+    "batch_of_seeds": (4, 64), "lora": (2, 64), "controlnet": (1, 64), "sd2_v_rescale_cfg": (1, 64),
 }
 
 

@@ -160,3 +160,69 @@ def hf_clip(checkpoint: dict, hf_config: dict):
                                                     attn_implementation="sdpa", dtype=torch.float32)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
     return model.eval()
+
+
+# ------------------------------------------------------------------------ SD 2.x
+def v2_inference_config(in_channels: int = 4, v: bool = False) -> dict:
+    """The values of Stability-AI/stablediffusion's configs/stable-diffusion/v2-inference.yaml (v2-inference-v:
+    parameterization "v"; 512-inpainting-ema: in_channels 9)."""
+    d = v1_inference_config(in_channels)
+    unet = d["model"]["params"]["unet_config"]["params"]
+    del unet["num_heads"]
+    unet.update(num_head_channels=64, use_linear_in_transformer=True, context_dim=1024)
+    if v:
+        d["model"]["params"]["parameterization"] = "v"
+    return d
+
+
+def ldm_v2_config_for(config: SDConfig, v: bool = False) -> dict:
+    """The SD 2.x original_config a model of this (e.g. tiny) size would ship with."""
+    u = config.unet
+    d = ldm_config_for(config)
+    unet = d["model"]["params"]["unet_config"]["params"]
+    del unet["num_heads"]
+    unet.update(num_head_channels=u.head_dim, use_linear_in_transformer=True)
+    if v:
+        d["model"]["params"]["parameterization"] = "v"
+    return d
+
+
+def hf_open_clip_config_for(clip, layers: int = None) -> dict:
+    """transformers CLIPTextConfig values of an OpenCLIP text tower (SD 2.x: GELU, 1024 wide, 16 heads)."""
+    return dict(vocab_size=clip.vocab_size, hidden_size=clip.width, intermediate_size=clip.mlp_width,
+                num_hidden_layers=clip.layers if layers is None else layers, num_attention_heads=clip.heads,
+                max_position_embeddings=clip.max_positions, hidden_act="gelu", layer_norm_eps=clip.eps,
+                projection_dim=clip.projection_dim, bos_token_id=clip.bos_token_id,
+                eos_token_id=clip.eos_token_id, pad_token_id=1)
+
+
+def hf_open_clip(checkpoint: dict, hf_config: dict, prefix: str = "cond_stage_model.model.", projection=False):
+    """transformers CLIPTextModel (CLIPTextModelWithProjection with projection=True) loaded by from_pretrained from
+    the tensors diffusers' convert_open_clip_checkpoint makes of an SD 2.x checkpoint. With the real prefix the
+    converter drops resblock 23 and text_projection (diffusers' SD 2 text encoder has 23 layers); under another
+    prefix its ignore list (full key names) does not apply and every layer and the projection are kept."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    state = convert_open_clip_checkpoint(None, checkpoint, prefix=prefix)
+    if not projection:
+        state.pop("text_projection.weight", None)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    with tempfile.TemporaryDirectory() as tmp:
+        CLIPTextConfig(**hf_config).save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
+        model, info = cls.from_pretrained(tmp, local_files_only=True, output_loading_info=True,
+                                          attn_implementation="sdpa", dtype=torch.float32)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    return model.eval()
+
+
+class LDMWrapper:
+    """What k-diffusion's CompVis(V)Denoiser wraps: `apply_model(x, t, cond)` and `alphas_cumprod`, here
+    around a diffusers UNet and the schedule buffer stored in the checkpoint file."""
+
+    def __init__(self, unet, alphas_cumprod: torch.Tensor):
+        self.unet, self.alphas_cumprod = unet, alphas_cumprod
+
+    def apply_model(self, x, t, cond):
+        return self.unet(x, t, encoder_hidden_states=cond).sample

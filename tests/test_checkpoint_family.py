@@ -1,4 +1,5 @@
-"""detect_family on real layouts, and load_checkpoint's refusal of anything but SD 1.x naming the family found."""
+"""detect_family on real layouts, and load_checkpoint's refusal of anything but SD 1.x / SD 2.x naming the family
+found (SD 2.x itself: tests/test_sd2_family.py)."""
 import pytest
 import torch
 
@@ -56,22 +57,18 @@ def refusal(tmp_path, keys: dict) -> str:
 def test_refuses_sdxl(tmp_path):
     msg = refusal(tmp_path, sdxl_layout())
     assert msg.endswith("looks like an SDXL checkpoint (found conditioner.embedders.*); "
-                        "Glass Diffusion loads SD 1.x only") and str(tmp_path) in msg
+                        "Glass Diffusion loads SD 1.x and SD 2.x only") and str(tmp_path) in msg
 
 
-def test_refuses_sd2(tmp_path):
-    msg = refusal(tmp_path, sd2_layout())
-    assert "looks like an SD 2.x checkpoint (found cond_stage_model.model.* (OpenCLIP text encoder)); " \
-           "Glass Diffusion loads SD 1.x only" in msg
-
-
-def test_refuses_sd2_by_linear_proj_in(tmp_path):
+def test_refuses_an_sd2_unet_with_an_sd1_text_encoder(tmp_path):
+    """Linear proj_in makes it SD 2.x; without the OpenCLIP text tower it cannot be loaded."""
     state = tiny_state()
     for k in [k for k in state if k.endswith("proj_in.weight")]:
         state[k] = state[k].flatten(1)
+    assert detect_family(state) == "sd2"
     path = write(tmp_path / "v2ish.safetensors", state)
-    with pytest.raises(CheckpointError, match=r"an SD 2\.x checkpoint \(found linear model\.diffusion_model\."
-                                              r"input_blocks\.\d+\.1\.proj_in\.weight\)"):
+    with pytest.raises(CheckpointError, match=r"has an SD 2\.x UNet but no cond_stage_model\.model\.\* \(OpenCLIP\) "
+                                              r"text encoder; first keys: cond_stage_model\.transformer\."):
         load_checkpoint(path)
 
 

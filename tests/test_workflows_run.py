@@ -1,6 +1,7 @@
 """The shipped workflows: UI -> API conversion equals each API twin, the files match their Python description,
 every workflow runs headless (run_workflow and the CLI) on tiny checkpoints written by the real exporter, and every
-one but inpaint_9channel runs as shipped on the built-in model with no models folder (plus `glass-diffusion generate`)."""
+one but those needing a user's checkpoint (USER_FILES: inpaint_9channel, sd2_v_rescale_cfg) runs as shipped on the
+built-in model with no models folder (plus `glass-diffusion generate`)."""
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 from glass_diffusion.nodes import cli, progress
 from glass_diffusion.nodes import image as image_nodes
 from glass_diffusion.nodes.example_workflows import (CHECKPOINT, INPAINT_CHECKPOINT, INPUT_IMAGE, PACK_ID,
-                                                     USER_FILES, WORKFLOWS, build, node_size)
+                                                     SD2_V_CHECKPOINT, USER_FILES, WORKFLOWS, build, node_size)
 from glass_diffusion.nodes.executor import Executor, NodeExecutionError, run_workflow
 from glass_diffusion.nodes.registry import NODE_CLASS_MAPPINGS
 from glass_diffusion.nodes.workflow import convert_ui_to_api, load_workflow
@@ -310,7 +311,7 @@ def test_cli_input_folder(tmp_path_factory, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------- on the built-in model, as shipped
 
-BUILTIN_NAMES = [n for n in NAMES if n not in USER_FILES]  # inpaint_9channel needs a 9-channel model (not shipped)
+BUILTIN_NAMES = [n for n in NAMES if n not in USER_FILES]  # those need a user's checkpoint (not shipped)
 
 
 @pytest.fixture(scope="module")
@@ -336,8 +337,10 @@ def test_shipped_workflows_default_to_the_builtin_model():
     for name in NAMES:
         api = _load(WORKFLOWS_DIR / "api" / f"{name}.json")
         loaders = [n["inputs"]["ckpt_name"] for n in api.values() if n["class_type"] == "GlassCheckpointLoader"]
-        assert loaders == ([INPAINT_CHECKPOINT] if name == "inpaint_9channel" else [builtin.NAME]), name
+        assert loaders == ([USER_FILES[name][0][1]] if name in USER_FILES else [builtin.NAME]), name
     assert "9-channel" in WORKFLOWS["inpaint_9channel"].__doc__ and INPAINT_CHECKPOINT in WORKFLOWS["inpaint_9channel"].__doc__
+    assert USER_FILES["inpaint_9channel"][0][1] == INPAINT_CHECKPOINT
+    assert "768-v" in WORKFLOWS["sd2_v_rescale_cfg"].__doc__ and SD2_V_CHECKPOINT in WORKFLOWS["sd2_v_rescale_cfg"].__doc__
 
 
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
