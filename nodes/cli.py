@@ -10,6 +10,7 @@
     glass-diffusion nodes [--json]
     glass-diffusion bench [--device cpu|cuda] [--comfyui DIR --comfyui-python PY] [--glass VARIANTS] [--json OUT]
     glass-diffusion grid WORKFLOW --x NODE.INPUT=VALUES [--y ...] [--z ...] [--ray [ADDRESS]]  (see nodes/grid.py)
+    glass-diffusion explain [PROMPT] [--words W,...] [--film]  (attention maps / step film, nodes/cli_explain.py)
 
 `generate` runs the shipped text_to_image workflow once per prompt, on the built-in model "glass-tiny (built-in)"
 unless --checkpoint names another (a file in <models>/checkpoints, or a path), and prints each PNG's path with
@@ -29,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import bench, grid, notes, progress, runtime
+from . import bench, cli_explain, grid, notes, progress, runtime
 from .executor import Executor, GraphValidationError, NodeExecutionError, run_workflow, validate_workflow
 from .workflow import default_registry, input_specs, load_workflow, parse_value, to_api
 
@@ -309,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     nodes = sub.add_parser("nodes", help="list the node types with their inputs")
     nodes.add_argument("--json", action="store_true")
     bench.add_parser(sub)
+    cli_explain.add_parser(sub)
     for sp in (gen, run, val, nodes):
         sp.add_argument("--models", metavar="DIR", help="models folder (default ./models); fills the file lists")
     grid.add_parser(sub)
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None, registry: dict | None = None) -> int:
         args = build_parser().parse_args(argv)  # exits 2 on bad arguments
         handler = {"generate": _generate, "run": _run, "validate": _validate, "convert": _convert,
                    "nodes": _nodes, "workflows": _workflows, "bench": lambda a, _registry: bench.main(a),
-                   "grid": grid.main}[args.command]
+                   "grid": grid.main, "explain": cli_explain.main}[args.command]
         notes.print_to_stderr()  # what nodes did on their own (a size rounded, unknown prompt words): "note: ..."
         lines = progress.plain_lines.set(True)  # a plain line per step when stderr is not a terminal
         try:

@@ -427,6 +427,35 @@ def controlnet(g: Graph):
     g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="controlnet")
 
 
+def attention_maps(g: Graph):
+    """Attention maps: which word painted which pixels. Samples like the KSampler while recording the cross-attention; saves the picture and a labelled heat-map for the shape, its colour, its position and the background colour (the masks output gives the same maps as MASKs)."""
+    loader = g.add("GlassCheckpointLoader", "Checkpoint", ckpt_name=BUILTIN, weight_dtype="auto")
+    neg = g.add("GlassTextEncode", "Negative", clip=loader[1], text=NEGATIVE, weighting="comfy")
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=SIZE, height=SIZE, batch_size=1)
+    maps = g.add("GlassAttentionMaps", "Attention Maps", unet=loader[0], clip=loader[1], vae=loader[2],
+                 text="a large red circle at the top left on a blue background", negative=neg[0],
+                 latent_image=empty[0], seed=42, steps=STEPS, cfg=CFG, sampler_name="euler", scheduler="normal",
+                 denoise=1.0, words="circle, red, left, blue", threshold=0.0, weighting="comfy")
+    picture = g.add("GlassSaveImage", "Save picture", images=maps[0], filename_prefix="attention/picture")
+    heat = g.add("GlassSaveImage", "Save heat-maps", images=maps[2], filename_prefix="attention/heatmap")
+    g.group("Sample while recording the cross-attention", maps)
+    g.group("The picture and one heat-map per word", picture, heat)
+
+
+def step_film(g: Graph):
+    """Step film: the x0 estimate and the noisy latent at each of 10 steps, side by side with the step and sigma on every frame; saved as an animated WebP and as PNG frames."""
+    loader, pos, neg = _base(g, prompt="a large green square at the bottom right on a white background")
+    empty = g.add("GlassEmptyLatent", "Empty Latent", width=SIZE, height=SIZE, batch_size=1)
+    film = g.add("GlassStepFilm", "Step Film", unet=loader[0], positive=pos[0], negative=neg[0], vae=loader[2],
+                 latent_image=empty[0], seed=42, steps=10, cfg=CFG, sampler_name="euler", scheduler="normal",
+                 denoise=1.0)
+    anim = g.add("GlassSaveAnimation", "Save animation", images=film[0], filename_prefix="film/step_film",
+                 format="webp", fps=3.0, loop=0)
+    frames = g.add("GlassSaveImage", "Save frames", images=film[0], filename_prefix="film/frame")
+    g.group("Sample and film every step", film)
+    g.group("Save the film", anim, frames)
+
+
 WORKFLOWS = {
     "text_to_image": text_to_image,
     "image_to_image": image_to_image,
@@ -440,6 +469,8 @@ WORKFLOWS = {
     "lora": lora,
     "controlnet": controlnet,
     "sd2_v_rescale_cfg": sd2_v_rescale_cfg,
+    "attention_maps": attention_maps,
+    "step_film": step_film,
 }
 
 

@@ -88,7 +88,7 @@ def film_frames(noisy: torch.Tensor, x0: torch.Tensor, sigmas, min_panel: int = 
     k = max(1, math.ceil(min_panel / min(H, W)))
     panels = torch.cat([_upscaled(noisy, k), torch.ones(S, H * k, 4, 3), _upscaled(x0, k)], dim=2)
     size = max(10, H * k // 11)
-    caption = size * 2 + 8
+    caption = size * 2 + 16  # two lines and their descenders
     frames = []
     from PIL import Image
     for s in range(S):

@@ -36,7 +36,8 @@ SCHEDULER_NAMES = {
     "simple": "Simple", "ddim_uniform": "DDIM", "beta": "Beta", "kl_optimal": "KL Optimal",
     "linear_quadratic": "Linear Quadratic",
 }
-SAMPLER_NODES = ("GlassKSampler", "GlassSample", "GlassDenoiseSteps")
+SAMPLER_NODES = ("GlassKSampler", "GlassSample", "GlassDenoiseSteps", "GlassAttentionMaps", "GlassStepFilm")
+KSAMPLER_LIKE = ("GlassKSampler", "GlassAttentionMaps", "GlassStepFilm")  # KSampler's own input names
 LORA_NODES = ("GlassLoraLoader", "GlassLoraLoaderModelOnly")
 VERSION = "Glass Diffusion"
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def _clip_skip(api: dict, cond_node: Optional[str]) -> Optional[int]:
 def _sampling(api: dict, sampler: str) -> dict:
     node, ct = api[sampler], api[sampler]["class_type"]
     out = {}
-    if ct == "GlassKSampler":
+    if ct in KSAMPLER_LIKE:
         out = {k: _literal(node, k) for k in ("steps", "sampler_name", "scheduler", "cfg", "seed", "denoise")}
     else:
         out["seed"], out["cfg"] = _literal(node, "noise_seed"), _literal(node, "cfg")
@@ -183,7 +184,10 @@ def _parameters(api, node_id, width: int, height: int) -> Optional[str]:
         return None
     node = api[sampler]
     facts = _sampling(api, sampler)
-    positive = _prompt_text(api, _link(node, "positive")) or ""
+    if node.get("class_type") == "GlassAttentionMaps":  # it encodes its prompt itself
+        positive = _literal(node, "text") if isinstance(_literal(node, "text"), str) else ""
+    else:
+        positive = _prompt_text(api, _link(node, "positive")) or ""
     negative = _prompt_text(api, _link(node, "negative"))
     ckpt, loras = _model_chain(api, _link(node, "unet"))
 

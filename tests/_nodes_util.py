@@ -137,14 +137,24 @@ TINY_OVERRIDES = {
     "lora": {"Sampler (LoRA).steps": 2, "Sampler (plain).steps": 2},  # the built-in LoRA needs glass-tiny
     "controlnet": {"Sampler.steps": 2},  # the built-in model: the built-in ControlNet is made for it
     "sd2_v_rescale_cfg": {"Sampler.steps": 2, "Empty Latent.width": 64, "Empty Latent.height": 64},  # tiny SD 2.x
+    "attention_maps": {**TINY, "Attention Maps.steps": 2},
+    "step_film": {**TINY, "Step Film.steps": 2},
 }
-# (number of PNG files saved, their pixel size) per workflow at the tiny overrides
-# (as shipped, on the built-in model, the same except hires_fix: 128 px)
+# (number of PNG files saved, their pixel size: width = height, or (width, height)) per workflow at the tiny
+# overrides (as shipped, on the built-in model, the same except hires_fix: 128 px, and SHIPPED_COUNTS)
 EXPECTED_FILES = {
     "text_to_image": (1, 64), "image_to_image": (1, 64), "inpaint_noise_mask": (1, 64), "inpaint_9channel": (1, 64),
     "hires_fix": (1, 96), "step_by_step": (4, 64), "prompt_weighting": (2, 64), "clip_skip": (2, 64),
     "batch_of_seeds": (4, 64), "lora": (2, 64), "controlnet": (1, 64), "sd2_v_rescale_cfg": (1, 64),
+    "attention_maps": (5, 64),  # the picture and 4 heat-maps
+    "step_film": (2, (260, 166)),  # one frame per step: two 128 px panels, a 4 px gap, a 38 px caption
 }
+SHIPPED_COUNTS = {"step_film": 10}  # files saved as shipped where the tiny overrides save fewer
+
+
+def pixel_size(size) -> tuple:
+    """An EXPECTED_FILES size as (width, height)."""
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def saved_pngs(folder: Path) -> list[Path]:

@@ -16,7 +16,8 @@ from glass_diffusion.nodes.executor import Executor, NodeExecutionError, run_wor
 from glass_diffusion.nodes.registry import NODE_CLASS_MAPPINGS
 from glass_diffusion.nodes.workflow import convert_ui_to_api, load_workflow
 
-from _nodes_util import EXPECTED_FILES, TINY_OVERRIDES, WORKFLOWS as WORKFLOWS_DIR, leftovers, saved_pngs, tiny_env
+from _nodes_util import (EXPECTED_FILES, SHIPPED_COUNTS, TINY_OVERRIDES, WORKFLOWS as WORKFLOWS_DIR, leftovers,
+                         pixel_size, saved_pngs, tiny_env)
 
 NAMES = sorted(WORKFLOWS)
 
@@ -115,7 +116,7 @@ def _check_outputs(name, out, chunks=("prompt", "workflow", "parameters")):  # p
     assert len(files) == count, [p.name for p in files]
     for p in files:
         with Image.open(p) as im:
-            assert im.size == (size, size)
+            assert im.size == pixel_size(size)
             assert sorted(im.text) == sorted(chunks)
     assert leftovers(out) == []
     return files
@@ -130,7 +131,9 @@ def test_runs_with_run_workflow(name, tmp_path_factory):
     files = _check_outputs(name, out)
     saved = [img["filename"] for ui in result.ui.values() for img in ui.get("images", [])
              if img["type"] == "output"]
-    assert sorted(saved) == sorted(p.name for p in files)
+    animations = sorted(p.name for p in out.rglob("*.webp"))  # Save Animation's files
+    assert len(animations) == (name == "step_film")
+    assert sorted(saved) == sorted([p.name for p in files] + animations)
     arrays = [np.asarray(Image.open(p)) for p in files]
     assert all(a.std() > 0 for a in arrays)  # not blank
 
@@ -349,11 +352,12 @@ def test_runs_on_the_builtin_model_with_no_models_folder(name, no_models, tmp_pa
     with no_models(tmp_path):
         result = run_workflow(WORKFLOWS_DIR / f"{name}.json")
     count, size = EXPECTED_FILES[name]
+    count = SHIPPED_COUNTS.get(name, count)
     files = saved_pngs(tmp_path)
     assert len(files) == count and leftovers(tmp_path) == []
     for p in files:
         with Image.open(p) as im:
-            assert im.size == ((128, 128) if name == "hires_fix" else (size, size))
+            assert im.size == ((128, 128) if name == "hires_fix" else pixel_size(size))
             assert np.asarray(im).std() > 5  # a picture, not a blank
     assert {n["inputs"]["ckpt_name"] for n in result.prompt.values()
             if n["class_type"] == "GlassCheckpointLoader"} == {"glass-tiny (built-in)"}
