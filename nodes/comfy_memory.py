@@ -6,7 +6,7 @@ memory (and on the "Unload Models" / "Free model and node cache" buttons). Our l
 CLIP-vision and upscale models; the nodes call ``use(...)`` before they run a network, which asks ComfyUI to load
 it (ComfyUI frees what it must first), so our models are offloaded and reloaded like ComfyUI's own.
 
-The patcher holds a small ``_Held`` module around the network: ComfyUI writes its bookkeeping attributes
+The patcher holds a small ``GlassHeldNetwork`` module around the network: ComfyUI writes its bookkeeping attributes
 (``device``, ``model_loaded_weight_memory``, ...) on the holder, never on our networks.
 
 On a CPU-only ComfyUI the offload device is the same memory as the load device, so ComfyUI's unload would free
@@ -28,7 +28,7 @@ _entries: "weakref.WeakKeyDictionary[torch.nn.Module, _Entry]" = weakref.WeakKey
 _lock = threading.Lock()
 
 
-class _Held(torch.nn.Module):
+class GlassHeldNetwork(torch.nn.Module):
     """What ComfyUI's ModelPatcher manages: a holder of one of our networks."""
 
     def __init__(self, net: torch.nn.Module):
@@ -47,7 +47,7 @@ class _Entry:
         self.net = weakref.ref(net)
         self.reload = reload
         self.released = False
-        self.patcher = comfy.model_patcher.ModelPatcher(_Held(net), load_device=load, offload_device=offload)
+        self.patcher = comfy.model_patcher.ModelPatcher(GlassHeldNetwork(net), load_device=load, offload_device=offload)
         self.patcher.add_callback(CallbacksMP.ON_DETACH, self._on_detach)
 
     def _on_detach(self, patcher, unpatch_all) -> None:
