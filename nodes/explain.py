@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from . import image as image_nodes
-from . import outputs, paths, progress
+from . import comfy_memory, outputs, paths
 from .latent import check_latent
-from .sampling import (_cfg_input, _Progress, _seed_input, check_unet, run_sampler, sampler_names,
+from .sampling import (_cfg_input, _seed_input, check_unet, run_sampler, sampler_names,
                        scheduler_names)
 from .text import WEIGHTINGS, check_clip, note_unknown_words
 from .types import (CONDITIONING, GLASS_CLIP, GLASS_UNET, GLASS_VAE, IMAGE, LATENT, MASK, NodeInputError,
@@ -183,6 +183,7 @@ class GlassAttentionMaps:
         from ..sd_core.errors import ParamError
         node = "GlassAttentionMaps"
         unet, clip, vae = check_unet(node, unet), check_clip(node, clip), check_vae(node, vae)
+        comfy_memory.use(clip.model)  # inside ComfyUI: loaded by its model management
         if not isinstance(text, str):
             raise NodeInputError(node, "text", f"expected a string, got {type(text).__name__}")
         samples = check_latent(node, "latent_image", latent_image)
@@ -201,6 +202,7 @@ class GlassAttentionMaps:
         recorder = am.AttentionRecorder(positive[0][0], samples.shape[0], tuple(samples.shape[-2:]))
         with recorder:
             out, _ = run_sampler(node, unet, positive, negative, latent_image, request)
+        comfy_memory.use(vae.model)  # inside ComfyUI: loaded by its model management (it may have moved)
         picture = px.decode_latent(vae.model, out["samples"])  # (B, H, W, 3)
         B, H, W, _ = picture.shape
         maps = am.word_maps(recorder.token_maps((H, W)), chosen)  # (B, n, H, W), each scaled to 0..1
@@ -256,34 +258,15 @@ class GlassStepFilm:
             x0s.append(denoised[:1].float().cpu())
             shown.append(float(sigmas[step]))
 
-        out = _run_filmed(node, unet, positive, negative, latent_image, request, keep)
+        out, _ = run_sampler(node, unet, positive, negative, latent_image, request, on_step=keep)
         scale = unet.scaling_factor
+        comfy_memory.use(vae.model)  # inside ComfyUI: loaded by its model management
         if not x0s:  # nothing to do (denoise 0): one frame of the input
             x0 = px.decode_latent(vae.model, out["samples"][:1])
             return (film_frames(x0, x0, [0.0]), x0, x0, out)
         x0 = px.decode_latent(vae.model, torch.cat(x0s) / scale)
         noisy = px.decode_latent(vae.model, torch.cat(xs) / scale)
         return (film_frames(noisy, x0, shown), x0, noisy, out)
-
-
-def _run_filmed(node, unet, positive, negative, latent, request, on_step) -> dict:
-    """nodes.sampling.run_sampler's run (progress, Cancel, previews, errors named by input), calling
-    on_step(step, x, denoised) at every step too."""
-    from ..sd_core.sampling import plan_sigmas, sample
-    with node_inputs(node, latent="latent_image"):
-        total = len(plan_sigmas(unet.model.sampling, request)) - 1
-        progress.check_cancel()
-        bar = _Progress(max(total, 1), node, unet.model.latent_format)
-
-        def callback(step, x, denoised):
-            bar(step, x, denoised)
-            on_step(step, x, denoised)
-
-        try:
-            with torch.no_grad():
-                return sample(unet.model, positive, negative, latent, request, callback=callback)
-        finally:
-            bar.close()
 
 
 class GlassSaveAnimation:

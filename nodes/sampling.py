@@ -80,20 +80,26 @@ def use_networks(unet: GlassUNet, *conditionings) -> None:
     comfy_memory.use(*nets)
 
 
-def run_sampler(node: str, unet: GlassUNet, positive, negative, latent: dict, request,
+def run_sampler(node: str, unet: GlassUNet, positive, negative, latent: dict, request, on_step=None,
                 **param_inputs: str):
     """sd_core.sampling.sample with progress; returns (LATENT result, LATENT last x0 estimate). sd_core's
     parameter errors become NodeInputError(node, input); param_inputs maps sd_core parameter names to the node's
-    input names where they differ (the latent is `latent_image` unless said otherwise)."""
+    input names where they differ (the latent is `latent_image` unless said otherwise). on_step(step, x, denoised),
+    if given, is called after the progress update of every step."""
     from ..sd_core.sampling import plan_sigmas, sample
     with node_inputs(node, **{"latent": "latent_image", **param_inputs}):
         total = len(plan_sigmas(unet.model.sampling, request)) - 1  # the exact schedule: it sizes the progress bar
         progress.check_cancel()
         use_networks(unet, positive, negative)
         bar = _Progress(max(total, 1), node, unet.model.latent_format)
+
+        def callback(step, x, denoised):
+            bar(step, x, denoised)
+            if on_step is not None:
+                on_step(step, x, denoised)
         try:
             with torch.no_grad():
-                out = sample(unet.model, positive, negative, latent, request, callback=bar)
+                out = sample(unet.model, positive, negative, latent, request, callback=callback)
         finally:
             bar.close()
     x0 = dict(out)
