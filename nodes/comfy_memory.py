@@ -51,9 +51,11 @@ class _Entry:
         self.patcher.add_callback(CallbacksMP.ON_DETACH, self._on_detach)
 
     def _on_detach(self, patcher, unpatch_all) -> None:
-        """ComfyUI unloaded this model; where that moved nothing out of RAM, release the weights."""
+        """ComfyUI unloaded this model; where that moved nothing out of RAM, release the weights. (ComfyUI also
+        detaches with unpatch_all=False to load a model again that is already loaded, and when a patcher is
+        garbage collected: neither is an unload.)"""
         net = self.net()
-        if net is not None and patcher.load_device.type == "cpu" and patcher.offload_device.type == "cpu":
+        if net is not None and unpatch_all and patcher.load_device.type == "cpu" and patcher.offload_device.type == "cpu":
             release(net)
             self.released = True
 

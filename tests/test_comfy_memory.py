@@ -101,6 +101,9 @@ def test_models_load_through_comfyui_and_a_cpu_unload_frees_and_reloads_them(com
 
     sizes = {k: _weights_bytes(n) for k, n in nets.items()}
     params = {k: [id(p) for p in n.parameters()] for k, n in nets.items()}
+    for p in comfy.patchers:  # ComfyUI loading an already loaded model again: detached, not unloaded
+        p.detach(unpatch_all=False)
+    assert {k: _weights_bytes(n) for k, n in nets.items()} == sizes
     for p in comfy.patchers:  # ComfyUI needs the memory: it unloads every model (CPU-only: offload = same RAM)
         p.detach()
     assert all(_weights_bytes(n) == 0 for n in nets.values())  # the weights are gone, not moved
