@@ -7,7 +7,15 @@ all derived here from the modules themselves (never a per-key table):
                   spelling (`down_blocks_0_attentions_0_...`, see `diffusers_unet_names`);
     diffusers     `unet.<diffusers path>` / `text_encoder.<HF path>`, PEFT's `base_model.model.<path>`, the
                   older attention-processor `unet.<...>.processor.to_q` (+ `_lora.up.weight`);
-    generic       `diffusion_model.<LDM path>`, `text_encoders.<HF path>` (ComfyUI's plain names).
+    generic       `diffusion_model.<LDM path>`, `text_encoders.<HF path>`, ComfyUI's plain names
+                  `text_encoders.clip_l.transformer.<HF path>` (`clip_h` for OpenCLIP).
+Text-encoder keys use Hugging Face CLIPTextModel paths (`text_model.encoder.layers.N.self_attn.q_proj`, what kohya
+and diffusers train on, for SD 2.x too). Our CLIP ViT-L has those names; for SD 2.x's OpenCLIP they are read off
+its module tree by a rule per module kind (`hf_clip_slots`), and q / k / v land on the row blocks [0:W], [W:2W],
+[2W:3W] of the packed `attn.in_proj_weight` / `in_proj_bias`: each patch treats its block as the weight (the
+reshape, DoRA's norm), as ComfyUI does with the separate q, k, v weights it converts SD 2.x's encoder into.
+A file whose shapes do not fit because it was made for another family (SD 1.x's 768-wide CLIP ViT-L and
+cross-attention context on SD 2.x's 1024-wide OpenCLIP, or the other way round) is refused saying so.
 Suffixes name the adapter kind:
     LoRA / LoCon  `.lora_up.weight` [out, r(, 1, 1)], `.lora_down.weight` [r, in(, kh, kw)], optional
                   `.lora_mid.weight` [r, r, kh, kw] (Tucker); PEFT `.lora_B.weight` / `.lora_A.weight`;
@@ -31,7 +39,9 @@ shares every tensor except the patched ones, so a cached model handed to several
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import re
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,24 +94,35 @@ def _f32(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True, eq=False)
 class Adapter:
     """One module's patch from one file: `kind` in {lora, loha, lokr, diff} and its tensors (file names
-    without the module prefix: 'up', 'down', 'mid', 'hada_w1_a', 'lokr_w1', 'diff', ...)."""
+    without the module prefix: 'up', 'down', 'mid', 'hada_w1_a', 'lokr_w1', 'diff', ...). `rows` (start, stop):
+    the patch is for that row block of the parameter (q, k or v of a packed in_proj), which is the weight it
+    reshapes to and DoRA normalises; None: the whole parameter."""
     kind: str
     tensors: Mapping[str, torch.Tensor]
     alpha: Optional[float] = None
     dora_scale: Optional[torch.Tensor] = None
+    rows: Optional[tuple] = None
 
     def delta(self, w: torch.Tensor) -> torch.Tensor:
         """The unscaled-by-strength weight change, scale included, fp32 on w's device, shaped like w."""
-        t = {k: _f32(v, w) for k, v in self.tensors.items()}
+        d, scale = self._raw({k: _f32(v, w) for k, v in self.tensors.items()})
+        return d.reshape(w.shape) * scale
+
+    def raw_shape(self) -> tuple:
+        """The shape of the change the factors make before it is fitted to a weight ([out, in * kh * kw] for a
+        low-rank pair, the full shape for diff and Tucker cores); computed on the meta device, no arithmetic."""
+        return tuple(self._raw({k: v.to("meta", torch.float32) for k, v in self.tensors.items()})[0].shape)
+
+    def _raw(self, t: dict) -> tuple:
+        """(change before reshaping, scale) from the fp32 factors t."""
         if self.kind == "diff":
-            return t["diff"].reshape(w.shape)
+            return t["diff"], 1.0
         if self.kind == "lora":
             up, down = t["up"], t["down"]
             rank = down.shape[0]
             if "mid" in t:  # Tucker: fold the core into down, [r, r, kh, kw] x [r, in] -> [r, in, kh, kw]
                 down = torch.einsum("i j h w, j c -> i c h w", t["mid"], down.flatten(1))
-            d = up.flatten(1) @ down.flatten(1)  # (out, r) @ (r, in*kh*kw) -> (out, in*kh*kw)
-            return d.reshape(w.shape) * self._scale(rank)
+            return up.flatten(1) @ down.flatten(1), self._scale(rank)  # (out, r) @ (r, in*kh*kw) -> (out, in*kh*kw)
         if self.kind == "loha":
             rank = t["hada_w1_b"].shape[0]
             if "hada_t1" in t:  # Tucker halves: t [r, r, kh, kw], a [r, out], b [r, in] -> [out, in, kh, kw]
@@ -110,7 +131,7 @@ class Adapter:
             else:  # (out, r) @ (r, in*k) twice, Hadamard product
                 m1 = t["hada_w1_a"] @ t["hada_w1_b"]
                 m2 = t["hada_w2_a"] @ t["hada_w2_b"]
-            return (m1 * m2).reshape(w.shape) * self._scale(rank)
+            return m1 * m2, self._scale(rank)
         if self.kind == "lokr":
             rank = None
             w1 = t.get("lokr_w1")
@@ -128,7 +149,7 @@ class Adapter:
                 w1 = w1[:, :, None, None]  # (o1, i1) -> (o1, i1, 1, 1): kron keeps w2's kernel
             scale = 1.0 if rank is None or self.alpha is None else self.alpha / rank
             # kron views its inputs: the einsum result must be made contiguous first
-            return torch.kron(w1.contiguous(), w2.contiguous()).reshape(w.shape) * scale  # (o1*o2, i1*i2(, kh, kw))
+            return torch.kron(w1.contiguous(), w2.contiguous()), scale  # (o1*o2, i1*i2(, kh, kw))
         raise AssertionError(self.kind)
 
     def _scale(self, rank: int) -> float:
@@ -152,7 +173,8 @@ class Adapter:
 @dataclass(frozen=True, eq=False)
 class LoraPatch:
     """The patches one file makes to one network (UNet or text encoder), at one strength.
-    adapters: parameter name in the network ('input_blocks.1.1.proj_in.weight') -> Adapter."""
+    adapters: parameter name in the network ('input_blocks.1.1.proj_in.weight'; a row block of one:
+    'transformer.resblocks.0.attn.in_proj_weight[0:1024]') -> Adapter."""
     source: str
     adapters: Mapping[str, Adapter]
     strength: float = 1.0
@@ -222,8 +244,64 @@ def _with_weight(module: nn.Module):
             yield name, m
 
 
+@dataclass(frozen=True)
+class Slot:
+    """Where a module a file names lands: our network ('unet' | 'clip'), our module, and for each parameter the
+    file patches ('weight', 'bias') our parameter's name and the row block of it (None: all of it)."""
+    net: str
+    module: str
+    params: tuple = (("weight", "weight", None), ("bias", "bias", None))
+
+    def target(self, param: str):
+        """(our parameter name, rows) for the file's `param`, or (None, None)."""
+        for theirs, ours, rows in self.params:
+            if theirs == param:
+                return ours, rows
+        return None, None
+
+
+# OpenCLIP (our LDM names) -> the Hugging Face CLIPTextModel names SD 2.x LoRAs are trained on (kohya and
+# diffusers load SD 2.x's text tower as a CLIPTextModel): a path rule per module kind of a resblock; the packed
+# attention's in_proj becomes q_proj / k_proj / v_proj, its row blocks [0:W], [W:2W], [2W:3W].
+_OPEN_CLIP_TO_HF = ((r"transformer\.resblocks\.(\d+)\.attn", r"encoder.layers.\1.self_attn"),
+                    (r"transformer\.resblocks\.(\d+)\.attn\.out_proj", r"encoder.layers.\1.self_attn.out_proj"),
+                    (r"transformer\.resblocks\.(\d+)\.ln_1", r"encoder.layers.\1.layer_norm1"),
+                    (r"transformer\.resblocks\.(\d+)\.ln_2", r"encoder.layers.\1.layer_norm2"),
+                    (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc", r"encoder.layers.\1.mlp.fc1"),
+                    (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj", r"encoder.layers.\1.mlp.fc2"),
+                    (r"token_embedding", "embeddings.token_embedding"),
+                    (r"ln_final", "final_layer_norm"))
+
+
+def hf_clip_slots(clip: nn.Module) -> dict:
+    """Hugging Face CLIPTextModel module name ('text_model.encoder.layers.0.self_attn.q_proj') -> Slot, for
+    every module of our text encoder a LoRA can patch. Our CLIP ViT-L keeps those names; for OpenCLIP they
+    are read off the module tree with the rules above."""
+    from .open_clip import OpenCLIPTextModel, PackedSelfAttention
+    if not isinstance(clip, OpenCLIPTextModel):
+        return {name: Slot("clip", name) for name, _ in _with_weight(clip)}
+    out = {}
+    for name, m in clip.named_modules():
+        packed = isinstance(m, PackedSelfAttention)
+        if not name or not (packed or isinstance(getattr(m, "weight", None), torch.Tensor)):
+            continue
+        hf = next((re.sub(f"^{ours}$", theirs, name) for ours, theirs in _OPEN_CLIP_TO_HF
+                   if re.fullmatch(ours, name)), None)
+        if hf is None:
+            raise AssertionError(f"no Hugging Face name for OpenCLIP module {name}")
+        if packed:
+            width = m.in_proj_weight.shape[0] // 3  # [3W, W]: q, k, v stacked by rows
+            for j, proj in enumerate("qkv"):
+                rows = (j * width, (j + 1) * width)
+                out[f"text_model.{hf}.{proj}_proj"] = Slot(
+                    "clip", name, (("weight", "in_proj_weight", rows), ("bias", "in_proj_bias", rows)))
+        else:
+            out[f"text_model.{hf}"] = Slot("clip", name)
+    return out
+
+
 def lora_names(unet: Optional[nn.Module] = None, clip: Optional[nn.Module] = None) -> dict:
-    """Every name a file may give a module -> ('unet' | 'clip', our module name)."""
+    """Every name a file may give a module -> its Slot."""
     names = {}
     if unet is not None:
         diff = diffusers_unet_names(unet)
@@ -235,12 +313,14 @@ def lora_names(unet: Optional[nn.Module] = None, clip: Optional[nn.Module] = Non
                 spellings += [f"lora_unet_{d.replace('.', '_')}", f"lycoris_{d.replace('.', '_')}", f"unet.{d}",
                               d, f"base_model.model.{d}", f"unet.{proc}", proc]
             for s in spellings:
-                names.setdefault(s, ("unet", name))
+                names.setdefault(s, Slot("unet", name))
     if clip is not None:
-        for name, _ in _with_weight(clip):  # our CLIP keeps Hugging Face's names (text_model.encoder...)
-            for s in (f"lora_te_{name.replace('.', '_')}", f"lora_te1_{name.replace('.', '_')}",
-                      f"text_encoder.{name}", f"text_encoders.{name}"):
-                names.setdefault(s, ("clip", name))
+        from .open_clip import OpenCLIPTextModel
+        comfy = "clip_h" if isinstance(clip, OpenCLIPTextModel) else "clip_l"  # ComfyUI's name for the encoder
+        for hf, slot in hf_clip_slots(clip).items():
+            for s in (f"lora_te_{hf.replace('.', '_')}", f"lora_te1_{hf.replace('.', '_')}",
+                      f"text_encoder.{hf}", f"text_encoders.{hf}", f"text_encoders.{comfy}.transformer.{hf}"):
+                names.setdefault(s, slot)
     return names
 
 
@@ -290,19 +370,113 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], unet: Optional[nn.Module] = 
                         sorted(tensors))
     out = {"unet": {}, "clip": {}}
     for prefix, found in groups.items():
-        net_name, module_name = names[prefix]
-        module = nets[net_name].get_submodule(module_name)
-        for param, adapter in _adapters(source, prefix, found, tensors, module).items():
-            target = f"{module_name}.{param}"
-            if target in out[net_name]:
+        slot = names[prefix]
+        module = nets[slot.net].get_submodule(slot.module)
+        try:
+            adapters = _adapters(source, prefix, found, tensors, module, slot)
+        except _ShapeError as e:
+            mismatch = _family_mismatch(source, groups, names, nets, tensors)
+            if mismatch is None:
+                raise
+            raise LoraError(source, f"{mismatch}; nothing of it is applied (first misfit: "
+                                    f"{str(e).removeprefix(f'{source}: ')})", e.keys) from None
+        for param, adapter in adapters.items():
+            if target_name(slot, param) in out[slot.net]:
                 raise LoraError(source, f"two spellings of the same module in one file: {prefix} and another "
-                                        f"name for {net_name} {module_name}", [prefix])
-            out[net_name][target] = adapter
+                                        f"name for {slot.net} {slot.module}", [prefix])
+            out[slot.net][target_name(slot, param)] = adapter
     return out["unet"], out["clip"], unmatched
 
 
-def _adapters(source, prefix: str, found: dict, tensors, module: nn.Module) -> dict:
-    """{'weight' | 'bias': Adapter} for one module's keys (found: suffix -> full key)."""
+def target_name(slot: Slot, param: str) -> str:
+    """The LoraPatch.adapters key of the file's `param` of this slot: our parameter, plus '[a:b]' for a row block."""
+    ours, rows = slot.target(param)
+    return f"{slot.module}.{ours}" + ("" if rows is None else f"[{rows[0]}:{rows[1]}]")
+
+
+class _ShapeError(LoraError):
+    """A patch that does not fit its module's shape (the family check looks at the whole file then)."""
+
+
+# widths that tell a model family: a text encoder's width, a UNet's cross-attention context width
+TEXT_WIDTHS = {768: "SD 1.x's CLIP ViT-L/14", 1024: "SD 2.x's OpenCLIP ViT-H/14", 1280: "SDXL's OpenCLIP ViT-bigG/14"}
+CONTEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+
+
+def _width(w: int, labels: dict) -> str:
+    return f"{w} wide" + (f" ({labels[w]})" if w in labels else "")
+
+
+def _family_mismatch(source, groups, names, nets, tensors) -> Optional[str]:
+    """'an SD 1.x LoRA on an SD 2.x model'-style explanation when the input widths of the file's text-encoder
+    layers or cross-attention keys / values differ from the model's, else None."""
+    from collections import Counter
+    seen = {"clip": Counter(), "unet": Counter()}
+    model = {}
+    for prefix, found in groups.items():
+        slot = names[prefix]
+        module = nets[slot.net].get_submodule(slot.module)
+        ours, rows = slot.target("weight")
+        weight = getattr(module, ours or "", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        if slot.net == "clip":
+            width = nets["clip"].config.width
+            if weight.shape[1] != width:  # fc2 takes the MLP width
+                continue
+        elif slot.module.endswith(("attn2.to_k", "attn2.to_v")):
+            width = weight.shape[1]
+        else:
+            continue
+        model[slot.net] = width
+        try:
+            shape = _build(source, prefix, found, tensors).get("weight").raw_shape()
+        except Exception:  # an adapter that cannot be built tells nothing about widths
+            continue
+        if len(shape) == 2:
+            seen[slot.net][shape[1]] += 1
+    parts = []
+    for net, what, labels in (("clip", "text-encoder layers are", TEXT_WIDTHS),
+                              ("unet", "cross-attention takes a context", CONTEXT_WIDTHS)):
+        if not seen[net]:
+            continue
+        theirs, ours = seen[net].most_common(1)[0][0], model[net]
+        if theirs != ours:
+            target = "text encoder is" if net == "clip" else "UNet's context is"
+            parts.append(f"its {what} {_width(theirs, labels)}, this model's {target} {_width(ours, labels)}")
+    if not parts:
+        return None
+    return "a LoRA for another model family: " + "; ".join(parts)
+
+
+def _adapters(source, prefix: str, found: dict, tensors, module: nn.Module, slot: Slot) -> dict:
+    """{'weight' | 'bias': Adapter} for one module's keys (found: suffix -> full key), checked against the
+    module's parameters (or their row blocks, slot)."""
+    result = _build(source, prefix, found, tensors)
+    for param, adapter in list(result.items()):
+        ours, rows = slot.target(param)
+        target = getattr(module, ours, None) if ours else None
+        if not isinstance(target, torch.Tensor):
+            raise LoraError(source, f"{prefix}: patches a {param} the module does not have", list(found.values()))
+        shape = tuple(target.shape) if rows is None else (rows[1] - rows[0], *target.shape[1:])
+        if rows is not None:
+            adapter = result[param] = dataclasses.replace(adapter, rows=rows)
+        try:
+            d = adapter.delta(torch.empty(shape, device="meta"))  # shape checks without arithmetic
+        except Exception as e:  # matmul / reshape of factors that do not fit the module
+            raise _ShapeError(source, f"{prefix}: tensors {_shapes(adapter)} do not fit the module's {param} "
+                                      f"{list(shape)} ({type(e).__name__}: {e})", list(found.values())) from None
+        if d.shape != shape:
+            raise _ShapeError(source, f"{prefix}: patch shape {list(d.shape)} != {param} {list(shape)}",
+                              list(found.values()))
+        if adapter.dora_scale is not None and (len(shape) < 2 or adapter.dora_scale.numel() not in shape[:2]):
+            raise _ShapeError(source, f"{prefix}: dora_scale {list(adapter.dora_scale.shape)} fits neither axis of "
+                                      f"{list(shape)}", list(found.values()))
+    return result
+
+
+def _build(source, prefix: str, found: dict, tensors) -> dict:
+    """{'weight' | 'bias': Adapter} for one module's keys, unchecked against the module."""
     def get(suffix):
         key = found.get(suffix)
         if key is None:
@@ -350,28 +524,7 @@ def _adapters(source, prefix: str, found: dict, tensors, module: nn.Module) -> d
             result[param] = Adapter("diff", {"diff": get(key)})
     if not result:
         raise LoraError(source, f"{prefix}: only {', '.join(sorted(found))}, no patch", list(found.values()))
-
-    for param, adapter in result.items():
-        target = getattr(module, param, None)
-        if not isinstance(target, torch.Tensor):
-            raise LoraError(source, f"{prefix}: patches a {param} the module does not have", list(found.values()))
-        try:
-            d = adapter.delta(_shape_probe(target))
-        except Exception as e:  # matmul / reshape of factors that do not fit the module
-            raise LoraError(source, f"{prefix}: tensors {_shapes(adapter)} do not fit the module's {param} "
-                                    f"{list(target.shape)} ({type(e).__name__}: {e})", list(found.values())) from None
-        if d.shape != target.shape:
-            raise LoraError(source, f"{prefix}: patch shape {list(d.shape)} != {param} {list(target.shape)}",
-                            list(found.values()))
-        if adapter.dora_scale is not None and adapter.dora_scale.numel() not in (target.shape[0], target.shape[1]):
-            raise LoraError(source, f"{prefix}: dora_scale {list(adapter.dora_scale.shape)} fits neither axis of "
-                                    f"{list(target.shape)}", list(found.values()))
     return result
-
-
-def _shape_probe(target: torch.Tensor) -> torch.Tensor:
-    """A zero-cost stand-in with target's shape on the meta device (shape checks without arithmetic)."""
-    return torch.empty(target.shape, device="meta")
 
 
 def _shapes(adapter: Adapter) -> str:
@@ -400,22 +553,33 @@ def load_lora(path, unet: Optional[nn.Module] = None, clip: Optional[nn.Module] 
 
 # ------------------------------------------------------------------------------------------ applying
 
+def _param_of(key: str) -> str:
+    """'...attn.in_proj_weight[0:1024]' -> '...attn.in_proj_weight' (an adapters key's parameter)."""
+    return key.partition("[")[0]
+
+
 @torch.no_grad()
 def patched_weights(module: nn.Module, patches: Sequence[LoraPatch]) -> dict:
     """{parameter name: patched tensor} for every parameter a patch with non-zero strength touches: the
-    weight copied to fp32, the patches added in order, cast back to the weight's dtype."""
+    weight copied to fp32, the patches added in order (a row-block patch to its rows), cast back to the
+    weight's dtype."""
     params = dict(module.named_parameters())
-    order = []
-    for p in patches:
-        if p.strength != 0:
-            order.extend(name for name in p.adapters if name not in order)
+    live = [p for p in patches if p.strength != 0]
+    by_param = [{} for _ in live]  # per patch: parameter -> its adapters (a whole one, or row blocks in file order)
+    for index, p in zip(by_param, live):
+        for key, adapter in p.adapters.items():
+            index.setdefault(_param_of(key), []).append(adapter)
+    order = list(dict.fromkeys(name for index in by_param for name in index))
     out = {}
     for name in order:
         w = params[name].detach().to(torch.float32, copy=True)
-        for p in patches:
-            adapter = p.adapters.get(name)
-            if adapter is not None and p.strength != 0:
-                w = adapter.apply(w, p.strength)
+        for p, index in zip(live, by_param):
+            for adapter in index.get(name, ()):
+                if adapter.rows is None:
+                    w = adapter.apply(w, p.strength)
+                else:
+                    a, b = adapter.rows
+                    w[a:b] = adapter.apply(w[a:b], p.strength)
         out[name] = w.to(params[name].dtype)
     return out
 

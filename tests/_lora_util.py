@@ -11,18 +11,36 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from _parity_util import diffusers_unet, hf_clip, hf_clip_config_for, ldm_config_for
+from _parity_util import (diffusers_unet, hf_clip, hf_clip_config_for, hf_open_clip, hf_open_clip_config_for,
+                          ldm_config_for, ldm_v2_config_for)
+
+from glass_diffusion.sd_core.open_clip import OpenCLIPTextConfig
 
 UNET_PREFIX, CLIP_PREFIX = "model.diffusion_model.", "cond_stage_model.transformer."
+OPEN_PREFIX = "te."  # OpenCLIP tensors under a prefix that is not SD 2.x's, so diffusers' converter keeps all layers
+
+
+def is_sd2(config) -> bool:
+    return isinstance(config.clip, OpenCLIPTextConfig)
+
+
+def _ldm_config(config) -> dict:
+    return ldm_v2_config_for(config) if is_sd2(config) else ldm_config_for(config)
 
 
 def reference_models(model, config):
     """(diffusers UNet, transformers CLIP) holding the same weights as our StableDiffusion `model`. The
-    UNet shares our tensors (reference loaders below never write into them); the CLIP is a copy."""
+    UNet shares our tensors (reference loaders below never write into them); the CLIP is a copy. SD 2.x: the
+    OpenCLIP tower as diffusers' single-file converter makes a CLIPTextModel of it (q, k, v split off the packed
+    in_proj), every layer kept."""
     ckpt = {UNET_PREFIX + k: v for k, v in model.unet.state_dict().items()}
-    ckpt.update({CLIP_PREFIX + k: v for k, v in model.clip.state_dict().items()})
-    unet = diffusers_unet(ckpt, ldm_config_for(config), norm_groups=config.unet.norm_groups)
-    clip = hf_clip(ckpt, hf_clip_config_for(config))
+    unet = diffusers_unet(ckpt, _ldm_config(config), norm_groups=config.unet.norm_groups)
+    if is_sd2(config):
+        clip = hf_open_clip({OPEN_PREFIX + k: v for k, v in model.clip.state_dict().items()},
+                            hf_open_clip_config_for(config.clip), prefix=OPEN_PREFIX)
+    else:
+        ckpt.update({CLIP_PREFIX + k: v for k, v in model.clip.state_dict().items()})
+        clip = hf_clip(ckpt, hf_clip_config_for(config))
     return unet, clip
 
 
@@ -30,8 +48,19 @@ def to_diffusers(unet_state: dict, config) -> dict:
     """Our UNet state dict in diffusers' names, through diffusers' own single-file converter."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
     ckpt = {UNET_PREFIX + k: v for k, v in unet_state.items()}
-    cfg = create_unet_diffusers_config_from_ldm(ldm_config_for(config), ckpt, image_size=512)
+    cfg = create_unet_diffusers_config_from_ldm(_ldm_config(config), ckpt, image_size=512)
     return convert_ldm_unet_checkpoint(ckpt, cfg)
+
+
+def clip_to_hf(clip_state: dict, config) -> dict:
+    """Our text encoder's state dict in Hugging Face CLIPTextModel names (`text_model.` level included): CLIP
+    ViT-L has them already; OpenCLIP goes through diffusers' own converter (which splits in_proj into q, k, v)."""
+    if not is_sd2(config):
+        return dict(clip_state)
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    state = convert_open_clip_checkpoint(None, {OPEN_PREFIX + k: v for k, v in clip_state.items()},
+                                         prefix=OPEN_PREFIX)
+    return dict(state)
 
 
 # ------------------------------------------------------------------------------------ kohya / PEFT files
@@ -102,7 +131,7 @@ def _apply_state(module, state):
 
 def diffusers_merged(path, unet, clip, strength_unet=1.0, strength_clip=1.0, ldm_names=False):
     """({diffusers UNet name: tensor}, {CLIP name: tensor}) after diffusers loads the file (its kohya
-    converter for kohya files) into PEFT layers and fuses them. The models' own tensors are left as they were
+    converter for kohya files) into PEFT layers and fuses them (None for a network passed as None). The models' own tensors are left as they were
     (PEFT's safe merge writes new tensors), the adapters are unloaded afterwards."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin as Mixin
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -114,6 +143,9 @@ def diffusers_merged(path, unet, clip, strength_unet=1.0, strength_clip=1.0, ldm
                                    strength_unet),
                                   (clip, lambda: Mixin.load_lora_into_text_encoder(
                                       state, alphas, clip, prefix="text_encoder", adapter_name="t"), strength_clip)):
+        if model is None:  # one network only (its part of the file)
+            out.append(None)
+            continue
         before = {k: v for k, v in model.state_dict().items()}
         load()
         merged, raw = {}, set()

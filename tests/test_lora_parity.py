@@ -13,15 +13,19 @@ on the reference side.
 """
 import gc
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from _lora_util import (DIFFUSERS_LDM_BLIND, diffusers_merged, kohya_file, kohya_targets, lycoris_file, lycoris_merged,
-                        reference_models, to_diffusers)
+from _lora_util import (DIFFUSERS_LDM_BLIND, _text_model, clip_to_hf, diffusers_merged, kohya_file, kohya_targets,
+                        lycoris_file, lycoris_merged, reference_models, to_diffusers)
 from _parity_util import max_rel_err
 
 from glass_diffusion.sd_core import lora
+from glass_diffusion.sd_core.family import SD2
+from glass_diffusion.sd_core.model import SDConfig
+from glass_diffusion.sd_core.random_weights import build_random
 
 TOL = 1e-6
 
@@ -61,7 +65,8 @@ def _file(kind, opts, tmp_path, ours, ref_unet, ref_clip, seed, full):
     blind = DIFFUSERS_LDM_BLIND if full and opts["ldm"] else ()
     unet_names = kohya_targets(ours.unet if opts["ldm"] else ref_unet, opts["conv3x3"], upsamplers=not full,
                                skip=blind)
-    targets = {"unet": unet_names, "clip": kohya_targets(ours.clip, False)}  # file CLIP names = HF's = ours
+    # file CLIP names: Hugging Face's, read off the reference CLIPTextModel (for SD 1.x also ours)
+    targets = {"unet": unet_names, "clip": [(_text_model(n, True), s) for n, s in kohya_targets(ref_clip, False)]}
     style = "kohya" if kind == "kohya" else "peft"
     return path, kohya_file(path, targets, seed, alpha=opts.get("alpha", 2.0), style=style)
 
@@ -93,9 +98,10 @@ def check_parity(name, model, config, tmp_path, caplog, seed=1, full=False):
         unet_patch, clip_patch = lora.load_lora(path, model.unet, model.clip, *strengths)
     assert not [r for r in caplog.records if r.name == lora.log.name], caplog.text  # every key was placed
     ours_unet = to_diffusers(lora.patched_module(model.unet, [unet_patch]).state_dict(), config)
-    ours_clip = lora.patched_module(model.clip, [clip_patch]).state_dict()
-    base_unet, base_clip = to_diffusers(model.unet.state_dict(), config), model.clip.state_dict()
+    ours_clip = clip_to_hf(lora.patched_module(model.clip, [clip_patch]).state_dict(), config)
+    base_unet, base_clip = to_diffusers(model.unet.state_dict(), config), clip_to_hf(model.clip.state_dict(), config)
 
+    figures = []
     for want, ours, base in ((want_unet, ours_unet, base_unet), (want_clip, ours_clip, base_clip)):
         assert set(want) <= set(ours)
         errs = {k: max_rel_err(ours[k], v) for k, v in want.items()}
@@ -104,7 +110,9 @@ def check_parity(name, model, config, tmp_path, caplog, seed=1, full=False):
         assert all(max_rel_err(want[k], base[k]) > 1e-4 for k in want), "a reference patch changed nothing"
         # every other weight is the loaded one, bitwise
         assert all(torch.equal(ours[k], base[k]) for k in ours if k not in want)
-    return len(want_unet), len(want_clip)
+        figures.append(f"{len(want)} weights, worst {errs[worst]:.1e}")
+    print(f"\nlora parity {name}: unet {figures[0]}; clip {figures[1]}")
+    return set(want_unet), set(want_clip)
 
 
 # lycoris-lora 4.1.3 cannot read back its own factorised LoKr files on the tiny model's 32/64 channels
@@ -119,8 +127,27 @@ MUST_HAVE = {"lokr_factorised": (".lokr_w2_a",), "lokr_tucker": (".lokr_t2",),
 
 @pytest.mark.parametrize("name", sorted(set(FORMATS) - TINY_SKIP))
 def test_lora_parity_tiny(name, tiny_sd, tmp_path, caplog):
-    n_unet, n_clip = check_parity(name, tiny_sd.model, tiny_sd.config, tmp_path, caplog)
-    assert n_unet >= 10 and n_clip >= 6
+    unet, clip = check_parity(name, tiny_sd.model, tiny_sd.config, tmp_path, caplog)
+    assert len(unet) >= 10 and len(clip) >= 6
+
+
+@pytest.fixture(scope="module")
+def tiny_sd2():
+    """A tiny SD 2.x model: OpenCLIP text tower (packed in_proj), linear proj_in / proj_out."""
+    config = SDConfig.tiny_sd2()
+    return SimpleNamespace(model=build_random(config, seed=0, family=SD2), config=config)
+
+
+@pytest.mark.parametrize("name", sorted(set(FORMATS) - TINY_SKIP))
+def test_lora_parity_tiny_sd2(name, tiny_sd2, tmp_path, caplog):
+    """SD 2.x files: the text-encoder part lands on OpenCLIP's packed in_proj row blocks (compared after
+    diffusers' own OpenCLIP -> CLIPTextModel conversion, which splits them into q, k, v), the UNet part on
+    linear proj_in / proj_out."""
+    unet, clip = check_parity(name, tiny_sd2.model, tiny_sd2.config, tmp_path, caplog)
+    assert len(unet) >= 10 and len(clip) >= 6
+    if FORMATS[name][0] != "lycoris" or "attention" in name or FORMATS[name][1].get("full_targets") == "attention":
+        assert any(k.endswith("proj_in.weight") for k in unet)  # linear in SD 2.x
+    assert any(k.endswith("q_proj.weight") for k in clip)  # a row block of the packed in_proj
 
 
 # On the full-size shapes every key layout and tensor kind is covered once (each full-size case costs about a
@@ -134,7 +161,7 @@ FULLSIZE = ("kohya_lora_diffusers_names", "kohya_locon_ldm_names", "peft", "loha
 @pytest.mark.fullsize
 @pytest.mark.parametrize("name", FULLSIZE)
 def test_lora_parity_fullsize(name, sd15_full, tmp_path, caplog):
-    n_unet, n_clip = check_parity(name, sd15_full.model, sd15_full.config, tmp_path, caplog, full=True)
+    n_unet, n_clip = map(len, check_parity(name, sd15_full.model, sd15_full.config, tmp_path, caplog, full=True))
     gc.collect()
     targets = FORMATS[name][1].get("full_targets")
     twice = 2 if name == "full_diff" else 1  # diff patches weight and bias
