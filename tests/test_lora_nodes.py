@@ -102,6 +102,36 @@ def test_chained_loaders_stack_in_order_and_strength_zero_is_the_input(env, tmp_
         assert all(isinstance(p, LoraPatch) for p in u2.model.patches)
 
 
+def test_sd2_lora_patches_open_clip_and_unet_through_the_loader(env, tmp_path):
+    """An SD 2.x checkpoint: a kohya file for its UNet and its text encoder (Hugging Face names, q / k / v on the
+    packed in_proj) changes the LoRA branch's conditioning, never the plain clip's."""
+    from _nodes_util import SD2_V_CHECKPOINT
+
+    from glass_diffusion.nodes.loaders import GlassCheckpointLoader
+    from glass_diffusion.nodes.text import GlassTextEncode
+    from glass_diffusion.sd_core.lora import hf_clip_slots
+    with env.settings(tmp_path):
+        unet, clip, _ = GlassCheckpointLoader().load(SD2_V_CHECKPOINT, "fp32")
+        te = []  # (Hugging Face name, shape of the weight or row block it lands on)
+        for hf, slot in hf_clip_slots(clip.model).items():
+            param, rows = slot.target("weight")
+            w = getattr(clip.model.get_submodule(slot.module), param)
+            if "self_attn" in hf or "mlp" in hf:
+                te.append((hf, tuple((w if rows is None else w[rows[0]:rows[1]]).shape)))
+        assert len(te) == 6 * clip.model.config.layers
+        name = "sd2_style.safetensors"
+        kohya_file(env.models / "loras" / name, {"unet": kohya_targets(unet.model.unet, False), "clip": te}, seed=21)
+        (plain,) = GlassTextEncode().encode(clip, "a red circle", "comfy")
+        u, c = GlassLoraLoader().load(unet, clip, name, 1.0, 1.0)
+        (patched,) = GlassTextEncode().encode(c, "a red circle", "comfy")
+        (again,) = GlassTextEncode().encode(clip, "a red circle", "comfy")
+        assert (patched[0][0] - plain[0][0]).abs().max() > 1e-3
+        assert torch.equal(again[0][0], plain[0][0])
+        assert any(k.endswith("in_proj_weight[0:32]") for k in c.patches[0].adapters)
+        assert any(k.endswith("proj_in.weight") for k in u.model.patches[0].adapters)
+    (env.models / "loras" / name).unlink()
+
+
 @pytest.mark.parametrize("bad", ["missing", "corrupt"])
 def test_bad_lora_file_names_node_input_and_file(env, tmp_path, bad):
     from glass_diffusion.nodes.loaders import GlassCheckpointLoader
