@@ -16,6 +16,7 @@ memory format. LoRA views keep sharing the weights (the Parameter objects stay t
 """
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from typing import Callable, Mapping
@@ -26,6 +27,8 @@ from . import progress
 
 _entries: "weakref.WeakKeyDictionary[torch.nn.Module, _Entry]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+_warned: list = []
+log = logging.getLogger(__name__)
 
 
 class GlassHeldNetwork(torch.nn.Module):
@@ -119,9 +122,18 @@ def register(net: torch.nn.Module, reload: Callable[[], Mapping[str, torch.Tenso
     if not progress.in_comfyui():
         return
     with _lock:
-        if net not in _entries:
-            _remember_layout(net)
-            _entries[net] = _Entry(net, reload, kind)
+        if net in _entries:
+            return
+        try:
+            entry = _Entry(net, reload, kind)
+        except (ImportError, AttributeError) as e:  # a ComfyUI (or stand-in) without this model-management API
+            if not _warned:
+                _warned.append(True)
+                log.warning("Glass Diffusion: ComfyUI's model management is not available (%s); our models stay "
+                            "loaded until ComfyUI drops them from its cache", e)
+            return
+        _remember_layout(net)
+        _entries[net] = entry
 
 
 def use(*nets: torch.nn.Module, memory_required: int = 0) -> None:
