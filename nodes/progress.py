@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+from collections import deque
 from contextvars import ContextVar
 from typing import Callable, Iterator, Optional
 
@@ -55,6 +56,78 @@ def check_finite(node: str, what: str, tensor, step: Optional[int] = None, total
     import torch
     if not bool(torch.isfinite(tensor).all()):
         raise NonFiniteError(node, what, step, total)
+
+
+class FiniteGuard:
+    """check_finite for every step of a sampling run (issue #10: a NaN stops the run naming node and step) without
+    a host synchronisation per step (issue #14: on CUDA, reading a flag waits for the GPU queue to drain).
+
+    `guard(step, tensor)` queues on the tensor's device `isfinite(tensor).all()` and a copy of that flag into a
+    host buffer (pinned memory, non_blocking, followed by a CUDA event), so nothing waits. Flags are read on the
+    host once their copy has landed: on the CPU (and other devices, where the copy simply blocks) at once, so the
+    bad step itself raises, exactly as check_finite did; on CUDA at the first later step whose event query (never
+    waiting) finds the copy done, typically the next step or the one after, and at the latest at the last step or
+    at `finish()`, which wait. Whichever step notices, the error names the first non-finite step; what is lost is
+    the work of the one or two steps run on an image that is lost anyway. Reading every N steps instead would
+    stall the queue once per N steps and still name the step only if every flag were kept, which this does."""
+
+    def __init__(self, node: str, what: str, total: int):
+        self.node, self.what, self.total = node, what, max(int(total), 1)
+        self.enabled = not allow_nan()
+        self._host = self._view = None  # host flags [total] (True until written) and their numpy view
+        self._pending = deque()  # (step, event) of flags whose copy may not have landed
+        self._read = 0  # flags [0, _read) have been read
+
+    def _is_async(self, tensor) -> bool:
+        return tensor.is_cuda
+
+    def _event(self):
+        import torch
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def __call__(self, step: int, tensor) -> None:
+        if not self.enabled or tensor is None or not getattr(tensor, "is_floating_point", lambda: False)():
+            return
+        import torch
+        step = min(int(step), self.total - 1)
+        is_async = self._is_async(tensor)
+        if self._host is None:
+            self._host = torch.ones(self.total, dtype=torch.bool, pin_memory=bool(tensor.is_cuda))
+            self._view = self._host.numpy()  # numpy reads never touch a device tensor
+        self._host[step].copy_(torch.isfinite(tensor).all(), non_blocking=is_async)
+        if is_async:
+            self._pending.append((step, self._event()))
+            self._collect(wait=step >= self.total - 1)
+        else:
+            self._scan(step)
+
+    def finish(self) -> None:
+        """Wait for the flags still in flight and raise for a non-finite step among them (after the loop)."""
+        self._collect(wait=True)
+
+    def _collect(self, wait: bool) -> None:
+        landed = None
+        while self._pending:
+            step, event = self._pending[0]
+            if wait:
+                event.synchronize()
+            elif not event.query():
+                break
+            self._pending.popleft()
+            landed = step
+        if landed is not None:
+            self._scan(landed)
+
+    def _scan(self, upto: int) -> None:
+        start = self._read
+        flags = self._view[start:upto + 1]
+        self._read = max(start, upto + 1)
+        if not flags.all():
+            bad = start + int(flags.argmin())
+            self._pending.clear()
+            raise NonFiniteError(self.node, self.what, bad, self.total)
 
 
 def in_comfyui() -> bool:

@@ -55,9 +55,11 @@ class _Progress:
         self.bar = progress.ProgressBar(total, desc=desc)
         self.total, self.last_x0, self.previews, self.node = total, None, progress.previews_enabled(), desc
         self.latent_format = latent_format
+        # stop, not blank: no GPU sync per step, the error still names the first non-finite step
+        self.finite = progress.FiniteGuard(desc, "the UNet's x0 estimate", total)
 
     def __call__(self, step, x, denoised):
-        progress.check_finite(self.node, "the UNet's x0 estimate", denoised, step, self.total)  # stop, not blank
+        self.finite(step, denoised)
         self.last_x0 = denoised
         preview = latent_preview(denoised, self.latent_format) if self.previews else None
         self.bar.update_absolute(step + 1, self.total, preview)
@@ -100,6 +102,7 @@ def run_sampler(node: str, unet: GlassUNet, positive, negative, latent: dict, re
         try:
             with torch.no_grad():
                 out = sample(unet.model, positive, negative, latent, request, callback=callback)
+            bar.finite.finish()
         finally:
             bar.close()
     x0 = dict(out)

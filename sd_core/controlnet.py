@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import attention_maps
 from . import checkpoint as ckpt
+from .samplers import sigma_value
 from .unet import ConvIn, Downsample, ResBlock, SpatialTransformer, UNetBlock, UNetConfig, timestep_embedding
 
 PREFIX = "control_model."
@@ -445,14 +446,19 @@ class ControlRunner:
         hint = self._hints[key]
         return hint if hint.shape[0] == 1 else hint[:b].repeat(n, 1, 1, 1)  # (n * b, 3, h d, w d)
 
-    def __call__(self, x_scaled, sigma: float, t, context, n: int) -> Optional[ControlResiduals]:
-        """x_scaled [n*b, C, h, w] (c_in applied), t [n*b], context [n*b, T, D] -> summed residuals or None when no
-        link is active at this sigma."""
+    def __call__(self, x_scaled, sigma, t, context, n: int) -> Optional[ControlResiduals]:
+        """x_scaled [n*b, C, h, w] (c_in applied), sigma (a float, or the denoiser's sigma batch), t [n*b],
+        context [n*b, T, D] -> summed residuals or None when no link is active at this sigma. The sigma's value is
+        read only for links whose step range can exclude a step (not 0% .. 100%): a host sync on a GPU unless
+        the sampler passed the value along (samplers.sigma_value)."""
         total = None
         b = x_scaled.shape[0] // n
         for i, (link, (s_start, s_end)) in enumerate(zip(self.links, self.ranges)):
-            if sigma > s_start or sigma < s_end:
-                continue
+            if link.start_percent > 0.0 or link.end_percent < 1.0:
+                if torch.is_tensor(sigma):
+                    sigma = sigma_value(sigma)
+                if sigma > s_start or sigma < s_end:
+                    continue
             dev = link.net.device
             with attention_maps.paused():  # attention maps are the UNet's, not the ControlNet's
                 r = link.net(x_scaled.to(dev), self._hint(i, *x_scaled.shape[-2:], n, b), t.to(dev),

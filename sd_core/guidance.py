@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .controlnet import CONTROL_KEY, ControlRunner
 from .errors import ParamError
+from .samplers import sigma_value
 
 _WIDTH_HINTS = {2048: "an SDXL conditioning", 1024: "an SD 2.x conditioning", 768: "an SD 1.x conditioning"}
 
@@ -97,9 +98,11 @@ def prepare_conds(cond, latent_shape, model_sampling, device):
                     c["area"] = (max(8, int(ys.max()) - y0 + 1), max(8, int(xs.max()) - x0 + 1), y0, x0)
             c["mask"] = mask
             c["mask_strength"] = float(opts.get("mask_strength", 1.0))
-        if "start_percent" in opts:
+        # step ranges, kept only where they can exclude a step (0% and 100% cannot), so a step reads the sigma's
+        # value (a host sync on a GPU when the sampler did not pass it along) only for entries that need it
+        if "start_percent" in opts and float(opts["start_percent"]) > 0.0:
             c["sigma_start"] = model_sampling.percent_to_sigma(float(opts["start_percent"]))
-        if "end_percent" in opts:
+        if "end_percent" in opts and float(opts["end_percent"]) < 1.0:
             c["sigma_end"] = model_sampling.percent_to_sigma(float(opts["end_percent"]))
         if opts.get(CONTROL_KEY) is not None:
             c["control"] = opts[CONTROL_KEY]  # a controlnet.ControlApplication chain
@@ -133,11 +136,12 @@ def pair_areas(conds_a, conds_b):
 
 def _area_and_mult(c, x, sigma):
     """(input_x, mult, area) for one entry at this step, or None when sigma is outside its range."""
-    s = float(sigma[0])
-    if "sigma_start" in c and s > c["sigma_start"]:
-        return None
-    if "sigma_end" in c and s < c["sigma_end"]:
-        return None
+    if "sigma_start" in c or "sigma_end" in c:
+        s = sigma_value(sigma)
+        if "sigma_start" in c and s > c["sigma_start"]:
+            return None
+        if "sigma_end" in c and s < c["sigma_end"]:
+            return None
     area = None
     inp = x
     if "area" in c:
@@ -207,13 +211,14 @@ class CFGDenoiser:
         self.unet_dtype = model.dtype  # looked up once, not on every step
         self.calls = 0  # UNet forward calls (for tests and statistics)
 
-    def _run(self, x_in, sigma, context, concat, control=None, n=1):
+    def _run(self, x_in, sigma, context, concat, control=None, n=1, level=None):
+        """level: the step's own sigma batch (it carries the sampler's host value of the noise level)."""
         self.calls += 1
         if control is None:
             return self.model.denoise(x_in, sigma, context, concat, dtype=self.unet_dtype)
         # the ControlNet sees what the UNet sees: the scaled input (no inpainting concat), timestep and context
         ms = self.model.sampling
-        residuals = self.controls[id(control)](ms.calculate_input(sigma, x_in), float(sigma[0]),
+        residuals = self.controls[id(control)](ms.calculate_input(sigma, x_in), sigma if level is None else level,
                                                ms.timestep(sigma).to(x_in.device, torch.float32), context, n)
         extra = {} if residuals is None else {"control": residuals}
         return self.model.denoise(x_in, sigma, context, concat, dtype=self.unet_dtype, **extra)
@@ -243,7 +248,8 @@ class CFGDenoiser:
             x_in = torch.cat([j[1] for j in group])
             ctx = _cat_contexts([j[4] for j in group])
             concat = torch.cat([j[5] for j in group]) if self.concat is not None else None
-            out = self._run(x_in, sigma.repeat(len(group)), ctx, concat, control, len(group)).chunk(len(group))
+            out = self._run(x_in, sigma.repeat(len(group)), ctx, concat, control, len(group),
+                            sigma).chunk(len(group))
             for (li, _, mult, area, _, _, _), o in zip(group, out):
                 if area is None:
                     outs[li] += o * mult

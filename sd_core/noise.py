@@ -43,8 +43,11 @@ class CPUNoise:
         self.generator.manual_seed((int(seed) + 1) % 2 ** 64)
 
     def __call__(self, sigma=None, sigma_next=None):
-        n = torch.randn(self.shape, dtype=self.dtype, generator=self.generator, device="cpu")
-        return n.to(self.device)
+        # to CUDA through pinned memory without waiting: a plain copy from pageable memory synchronises the stream
+        # on every step (issue #14); the values are the same
+        pin = self.device.type == "cuda"
+        n = torch.randn(self.shape, dtype=self.dtype, generator=self.generator, device="cpu", pin_memory=pin)
+        return n.to(self.device, non_blocking=pin)
 
 
 class DeviceNoise:

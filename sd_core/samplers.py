@@ -33,6 +33,38 @@ def _s_in(x):
     return x.new_ones([x.shape[0]])
 
 
+# No host synchronisation inside the loops (issue #14): on CUDA every Python-level read of a device tensor
+# (`if sigmas[i + 1] == 0`, float(t), min(t, u), ...) waits for the GPU queue to drain. Whatever a loop branches
+# on is read from the schedule once, before the loop (`_host`); arithmetic stays on the device tensors, so
+# the results are bitwise those of before.
+def _host(sigmas):
+    """The schedule as Python floats (one read, before the loop; free when the caller passes CPU sigmas)."""
+    return sigmas.detach().cpu().tolist()
+
+
+def _at(x, sigma, value=None):
+    """The per-latent noise level batch [B] the denoiser takes; `value`, the same level as a Python float when
+    the sampler knows it, rides along as `glass_sigma` so guidance can test step ranges without reading it."""
+    s = sigma * _s_in(x)
+    if value is not None:
+        s.glass_sigma = value
+    return s
+
+
+def _host_each(fn, *columns):
+    """fn applied step by step to 0-dim CPU tensors of the schedule, as floats: the host values of the noise
+    levels a loop computes on the device between schedule points (the same scalar float32 operations), read
+    before the loop."""
+    return [float(fn(*(c[i] for c in columns))) for i in range(len(columns[0]))]
+
+
+def sigma_value(sigma) -> float:
+    """The noise level of a denoiser's sigma batch as a Python float: the sampler's host value when it gave
+    one, else a read of the tensor (a host sync on a GPU)."""
+    value = getattr(sigma, "glass_sigma", None)
+    return float(sigma.reshape(-1)[0]) if value is None else value
+
+
 def _to_d(x, sigma, denoised):
     """ODE slope dx/dsigma = (x - x0) / sigma."""
     return (x - denoised) / sigma
@@ -47,9 +79,20 @@ def _ancestral_step(sigma_from, sigma_to, eta=1.0):
     """Split sigma_from -> sigma_to into a deterministic step to sigma_down plus fresh noise of std sigma_up."""
     if not eta:
         return sigma_to, 0.0
-    up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    up = torch.minimum(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
     down = (sigma_to ** 2 - up ** 2) ** 0.5
     return down, up
+
+
+def _ancestral_steps(sigmas, eta):
+    """_ancestral_step for every step of the schedule at once, on its CPU copy (the same float32 operations, so
+    the same values): (down, up) as tensors on the schedule's device [steps] and as Python floats."""
+    cpu = sigmas.detach().cpu()
+    if not eta:
+        down, up = cpu[1:], torch.zeros_like(cpu[1:])
+    else:
+        down, up = _ancestral_step(cpu[:-1], cpu[1:], eta)
+    return down.to(sigmas.device), up.to(sigmas.device), down.tolist(), up.tolist()
 
 
 def _cb(callback, i, x, denoised):
@@ -59,8 +102,9 @@ def _cb(callback, i, x, denoised):
 
 @torch.no_grad()
 def sample_euler(denoiser, x, sigmas, noise=None, callback=None):
+    fs = _host(sigmas)
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * _s_in(x))
+        denoised = denoiser(x, _at(x, sigmas[i], fs[i]))
         _cb(callback, i, x, denoised)
         x = x + _to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
     return x
@@ -70,53 +114,62 @@ def sample_euler(denoiser, x, sigmas, noise=None, callback=None):
 def sample_euler_ancestral(denoiser, x, sigmas, noise=None, callback=None, eta=1.0, s_noise=1.0):
     if eta and s_noise:
         _need(noise, "euler_ancestral")
+    fs = _host(sigmas)
+    downs, ups, fdowns, fups = _ancestral_steps(sigmas, eta)
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * _s_in(x))
-        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        denoised = denoiser(x, _at(x, sigmas[i], fs[i]))
         _cb(callback, i, x, denoised)
-        if down == 0:
+        if fdowns[i] == 0:
             x = denoised
         else:
-            x = x + _to_d(x, sigmas[i], denoised) * (down - sigmas[i])
-            if up > 0 and s_noise:
-                x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * up
+            x = x + _to_d(x, sigmas[i], denoised) * (downs[i] - sigmas[i])
+            if fups[i] > 0 and s_noise:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * ups[i]
     return x
 
 
 @torch.no_grad()
 def sample_heun(denoiser, x, sigmas, noise=None, callback=None):
+    fs = _host(sigmas)
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * _s_in(x))
+        denoised = denoiser(x, _at(x, sigmas[i], fs[i]))
         d = _to_d(x, sigmas[i], denoised)
         _cb(callback, i, x, denoised)
         dt = sigmas[i + 1] - sigmas[i]
-        if sigmas[i + 1] == 0:
+        if fs[i + 1] == 0:
             x = x + d * dt
         else:  # trapezoid: average the slopes at both ends
             x2 = x + d * dt
-            d2 = _to_d(x2, sigmas[i + 1], denoiser(x2, sigmas[i + 1] * _s_in(x)))
+            d2 = _to_d(x2, sigmas[i + 1], denoiser(x2, _at(x, sigmas[i + 1], fs[i + 1])))
             x = x + (d + d2) / 2 * dt
     return x
 
 
-def _dpm2_midpoint(denoiser, x, d, sigma, sigma_to):
-    """DPM-Solver-2 step from sigma to sigma_to through the log-space midpoint."""
-    mid = sigma.log().lerp(sigma_to.log(), 0.5).exp()
+def _log_midpoint(sigma, sigma_to):
+    return sigma.log().lerp(sigma_to.log(), 0.5).exp()
+
+
+def _dpm2_midpoint(denoiser, x, d, sigma, sigma_to, mid_value=None):
+    """DPM-Solver-2 step from sigma to sigma_to through the log-space midpoint (mid_value: its host value)."""
+    mid = _log_midpoint(sigma, sigma_to)
     x2 = x + d * (mid - sigma)
-    d2 = _to_d(x2, mid, denoiser(x2, mid * _s_in(x)))
+    d2 = _to_d(x2, mid, denoiser(x2, _at(x, mid, mid_value)))
     return x + d2 * (sigma_to - sigma)
 
 
 @torch.no_grad()
 def sample_dpm_2(denoiser, x, sigmas, noise=None, callback=None):
+    fs = _host(sigmas)
+    cpu = sigmas.detach().cpu()
+    mids = _host_each(_log_midpoint, cpu[:-1], cpu[1:])
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * _s_in(x))
+        denoised = denoiser(x, _at(x, sigmas[i], fs[i]))
         d = _to_d(x, sigmas[i], denoised)
         _cb(callback, i, x, denoised)
-        if sigmas[i + 1] == 0:
+        if fs[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigmas[i])
         else:
-            x = _dpm2_midpoint(denoiser, x, d, sigmas[i], sigmas[i + 1])
+            x = _dpm2_midpoint(denoiser, x, d, sigmas[i], sigmas[i + 1], mids[i])
     return x
 
 
@@ -124,17 +177,19 @@ def sample_dpm_2(denoiser, x, sigmas, noise=None, callback=None):
 def sample_dpm_2_ancestral(denoiser, x, sigmas, noise=None, callback=None, eta=1.0, s_noise=1.0):
     if eta and s_noise:
         _need(noise, "dpm_2_ancestral")
+    fs = _host(sigmas)
+    downs, ups, fdowns, fups = _ancestral_steps(sigmas, eta)
+    mids = _host_each(_log_midpoint, sigmas.detach().cpu()[:-1], downs.cpu())
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * _s_in(x))
-        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        denoised = denoiser(x, _at(x, sigmas[i], fs[i]))
         _cb(callback, i, x, denoised)
         d = _to_d(x, sigmas[i], denoised)
-        if down == 0:
-            x = x + d * (down - sigmas[i])
+        if fdowns[i] == 0:
+            x = x + d * (downs[i] - sigmas[i])
         else:
-            x = _dpm2_midpoint(denoiser, x, d, sigmas[i], down)
-            if up > 0 and s_noise:
-                x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * up
+            x = _dpm2_midpoint(denoiser, x, d, sigmas[i], downs[i], mids[i])
+            if fups[i] > 0 and s_noise:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * ups[i]
     return x
 
 
@@ -165,12 +220,13 @@ def _gauss_legendre(n):
 def sample_lms(denoiser, x, sigmas, noise=None, callback=None, order=4):
     """Linear multistep (Adams-Bashforth in sigma) on the last `order` slopes."""
     sig = sigmas.detach().cpu().double().numpy()
+    fs = _host(sigmas)
     ds = deque(maxlen=order)
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * _s_in(x))
+        denoised = denoiser(x, _at(x, sigmas[i], fs[i]))
         ds.append(_to_d(x, sigmas[i], denoised))
         _cb(callback, i, x, denoised)
-        if sigmas[i + 1] == 0:
+        if fs[i + 1] == 0:
             x = denoised
         else:
             cur = min(i + 1, order)
@@ -179,25 +235,33 @@ def sample_lms(denoiser, x, sigmas, noise=None, callback=None, order=4):
     return x
 
 
+def _log_snr_midpoint(sigma, sigma_to):
+    lam = -sigma.log()
+    return (-(lam + 0.5 * (-sigma_to.log() - lam))).exp()
+
+
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, noise=None, callback=None, eta=1.0, s_noise=1.0):
     """DPM-Solver++(2S) steps to sigma_down, then ancestral noise."""
     if eta and s_noise:
         _need(noise, "dpmpp_2s_ancestral")
+    fs = _host(sigmas)
+    downs, ups, fdowns, fups = _ancestral_steps(sigmas, eta)
+    mids = _host_each(_log_snr_midpoint, sigmas.detach().cpu()[:-1], downs.cpu())
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * _s_in(x))
-        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        denoised = denoiser(x, _at(x, sigmas[i], fs[i]))
+        down, up = downs[i], ups[i]
         _cb(callback, i, x, denoised)
-        if down == 0:
+        if fdowns[i] == 0:
             x = x + _to_d(x, sigmas[i], denoised) * (down - sigmas[i])
         else:
-            lam, lam_next = -sigmas[i].log(), -torch.as_tensor(down).log()
+            lam, lam_next = -sigmas[i].log(), -down.log()
             h = lam_next - lam
-            sigma_s = (-(lam + 0.5 * h)).exp()  # midpoint in log-SNR
+            sigma_s = _log_snr_midpoint(sigmas[i], down)
             x2 = (sigma_s / sigmas[i]) * x - (-0.5 * h).expm1() * denoised
-            denoised2 = denoiser(x2, sigma_s * _s_in(x))
+            denoised2 = denoiser(x2, _at(x, sigma_s, mids[i]))
             x = (down / sigmas[i]) * x - (-h).expm1() * denoised2
-        if sigmas[i + 1] > 0 and up > 0 and s_noise:
+        if fs[i + 1] > 0 and fups[i] > 0 and s_noise:
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * up
     return x
 
@@ -209,10 +273,11 @@ def sample_dpmpp_sde(denoiser, x, sigmas, noise=None, callback=None, eta=1.0, s_
         return x
     if eta and s_noise:
         _need(noise, "dpmpp_sde")
+    fs = _host(sigmas)
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * _s_in(x))
+        denoised = denoiser(x, _at(x, sigmas[i], fs[i]))
         _cb(callback, i, x, denoised)
-        if sigmas[i + 1] == 0:
+        if fs[i + 1] == 0:
             x = denoised
             continue
         lam_s, lam_t = -sigmas[i].log(), -sigmas[i + 1].log()
@@ -241,12 +306,13 @@ def sample_dpmpp_sde(denoiser, x, sigmas, noise=None, callback=None, eta=1.0, s_
 def sample_dpmpp_2m(denoiser, x, sigmas, noise=None, callback=None):
     """DPM-Solver++(2M): second order from the previous step's x0 estimate."""
     old = None
+    fs = _host(sigmas)
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * _s_in(x))
+        denoised = denoiser(x, _at(x, sigmas[i], fs[i]))
         _cb(callback, i, x, denoised)
         lam, lam_next = -sigmas[i].log(), -sigmas[i + 1].log()
         h = lam_next - lam
-        if old is None or sigmas[i + 1] == 0:
+        if old is None or fs[i + 1] == 0:
             est = denoised
         else:
             r = (lam - (-sigmas[i - 1].log())) / h
@@ -266,10 +332,11 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, noise=None, callback=None, eta=1.0,
     if eta and s_noise:
         _need(noise, "dpmpp_2m_sde")
     old, h_last, h = None, None, None
+    fs = _host(sigmas)
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * _s_in(x))
+        denoised = denoiser(x, _at(x, sigmas[i], fs[i]))
         _cb(callback, i, x, denoised)
-        if sigmas[i + 1] == 0:
+        if fs[i + 1] == 0:
             x = denoised
         else:
             h = sigmas[i].log() - sigmas[i + 1].log()  # log-SNR step
@@ -301,10 +368,11 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, noise=None, callback=None, eta=1.0,
         _need(noise, "dpmpp_3m_sde")
     d1_prev, d2_prev = None, None  # x0 estimates one and two steps back
     h, h1, h2 = None, None, None
+    fs = _host(sigmas)
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * _s_in(x))
+        denoised = denoiser(x, _at(x, sigmas[i], fs[i]))
         _cb(callback, i, x, denoised)
-        if sigmas[i + 1] == 0:
+        if fs[i + 1] == 0:
             x = denoised
         else:
             h = sigmas[i].log() - sigmas[i + 1].log()
@@ -340,16 +408,17 @@ def sample_ddim(denoiser, x, sigmas, noise=None, callback=None):
 def sample_ddpm(denoiser, x, sigmas, noise=None, callback=None):
     """Ancestral DDPM posterior steps (variance "fixed small") between the given noise levels."""
     _need(noise, "ddpm")
+    fs = _host(sigmas)
     for i in range(len(sigmas) - 1):
         s, s_prev = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, s * _s_in(x))
+        denoised = denoiser(x, _at(x, s, fs[i]))
         _cb(callback, i, x, denoised)
         eps = (x - denoised) / s
         xv = x / torch.sqrt(1.0 + s ** 2.0)  # the variance-preserving variable
         acp, acp_prev = 1 / (s * s + 1), 1 / (s_prev * s_prev + 1)
         alpha = acp / acp_prev
         mu = (1.0 / alpha).sqrt() * (xv - (1 - alpha) * eps / (1 - acp).sqrt())
-        if s_prev > 0:
+        if fs[i + 1] > 0:
             mu = mu + ((1 - alpha) * (1.0 - acp_prev) / (1.0 - acp)).sqrt() * noise(s, s_prev)
             x = mu * torch.sqrt(1.0 + s_prev ** 2.0)
         else:
@@ -361,19 +430,22 @@ def sample_ddpm(denoiser, x, sigmas, noise=None, callback=None):
 def sample_lcm(denoiser, x, sigmas, noise=None, callback=None):
     """Latent-consistency sampling: jump to x0, then re-noise to the next level with fresh noise."""
     _need(noise, "lcm")
+    fs = _host(sigmas)
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * _s_in(x))
+        denoised = denoiser(x, _at(x, sigmas[i], fs[i]))
         _cb(callback, i, x, denoised)
         x = denoised
-        if sigmas[i + 1] > 0:
+        if fs[i + 1] > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1]
     return x
 
 
 # --- UniPC (Zhao et al. 2023), multistep, data prediction, B(h) = h (bh1) or expm1(h) (bh2) -------------------
-def _unipc_update(denoiser, x, models, lams, sigma_prev, sigma_t, order, variant, use_corrector):
-    """One UniPC step from the newest stored point (sigma_prev) to sigma_t, in the k-diffusion variable.
-    models / lams: x0 estimates and log-SNRs of the stored points, oldest first. Returns (x_t, model_t)."""
+def _unipc_update(denoiser, x, models, lams, sigma_prev, sigma_t, order, variant, use_corrector, value_t=None):
+    """One UniPC step from the newest stored point (sigma_prev) to sigma_t (value_t: the same as a float), in the
+    k-diffusion variable. models / lams: x0 estimates and log-SNRs of the stored points, oldest first.
+    Returns (x_t, model_t). The small systems are solved with linalg.solve_ex: linalg.solve reads its error
+    flag on the host after every solve (a GPU sync), and these Vandermonde systems are never singular."""
     lam_t = -sigma_t.log()
     m0, lam0 = models[-1], lams[-1]
     h = lam_t - lam0
@@ -397,16 +469,16 @@ def _unipc_update(denoiser, x, models, lams, sigma_prev, sigma_t, order, variant
     R, b = torch.stack(R), torch.stack(b)
     x_base = (sigma_t / sigma_prev) * x - h_phi_1 * m0
     if d1s:
-        rhos_p = torch.tensor([0.5], dtype=b.dtype) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        rhos_p = torch.tensor([0.5], dtype=b.dtype) if order == 2 else torch.linalg.solve_ex(R[:-1, :-1], b[:-1])[0]
         pred = sum(rho * d for rho, d in zip(rhos_p.to(x.dtype), d1s))
     else:
         pred = 0
     x_t = x_base - b_h * pred
     model_t = None
     if use_corrector:
-        rhos_c = torch.tensor([0.5], dtype=b.dtype) if order == 1 else torch.linalg.solve(R, b)
+        rhos_c = torch.tensor([0.5], dtype=b.dtype) if order == 1 else torch.linalg.solve_ex(R, b)[0]
         rhos_c = rhos_c.to(x.dtype)
-        model_t = denoiser(x_t, sigma_t * _s_in(x))
+        model_t = denoiser(x_t, _at(x, sigma_t, value_t))
         corr = sum(rho * d for rho, d in zip(rhos_c[:-1], d1s)) if d1s else 0
         x_t = x_base - b_h * (corr + rhos_c[-1] * (model_t - m0))
     return x_t, model_t
@@ -420,15 +492,16 @@ def sample_uni_pc(denoiser, x, sigmas, noise=None, callback=None, variant="bh1",
 
     Log-SNR is -log(sigma) here. ComfyUI derives it in float32 through log(1 - alpha^2), which loses digits at
     sigma 0.001, so its result differs from this (and from diffusers') by a few 1e-5 in the latent."""
-    sigmas = sigmas.clone()
-    if sigmas[-1] == 0:
-        sigmas[-1] = final_sigma
+    host = sigmas.detach().cpu().clone()
+    if host[-1] == 0:
+        host[-1] = final_sigma
+    sigmas, fs = host.to(sigmas.device), host.tolist()
     steps = len(sigmas) - 1
     order = min(3, len(sigmas) - 2)
     models, lams, sig_hist = deque(maxlen=max(order, 1)), deque(maxlen=max(order, 1)), deque(maxlen=max(order, 1))
     for i in range(steps):
         if i == 0:
-            models.append(denoiser(x, sigmas[0] * _s_in(x)))
+            models.append(denoiser(x, _at(x, sigmas[0], fs[0])))
             lams.append(-sigmas[0].log())
             sig_hist.append(sigmas[0])
         else:
@@ -437,11 +510,11 @@ def sample_uni_pc(denoiser, x, sigmas, noise=None, callback=None, variant="bh1",
                 step_order = i if i < order else min(order, steps + 1 - step)
                 use_corr = step != steps
                 x, model_x = _unipc_update(denoiser, x, list(models), list(lams), sig_hist[-1], sigmas[step],
-                                           step_order, variant, use_corr)
+                                           step_order, variant, use_corr, fs[step])
                 if step == steps:  # the final point's x0 is never needed
                     break
                 if model_x is None:
-                    model_x = denoiser(x, sigmas[step] * _s_in(x))
+                    model_x = denoiser(x, _at(x, sigmas[step], fs[step]))
                 models.append(model_x)
                 lams.append(-sigmas[step].log())
                 sig_hist.append(sigmas[step])
