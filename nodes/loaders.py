@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import comfy_memory, paths
+from .notes import note
 from .types import GLASS_CLIP, GLASS_UNET, GLASS_VAE, GlassCLIP, GlassUNet, GlassVAE, NodeInputError
 
 CATEGORY = "Glass Diffusion/loaders"
@@ -97,6 +98,15 @@ def _reader(load, path: Path, dtype, part: str = ""):
     return read
 
 
+def _note_emulated_bf16(node: str, device, dtype) -> None:
+    import torch
+
+    from ..sd_core.speed import cpu_has_bf16
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_bf16() is False:
+        note(node, "weight_dtype", "bf16 on this CPU is emulated (it has no AVX512-BF16 or AMX instructions): "
+             "slower than fp32 and less exact, so fp32 is the better choice here")
+
+
 class GlassCheckpointLoader:
     @classmethod
     def INPUT_TYPES(cls):
@@ -140,6 +150,7 @@ class GlassCheckpointLoader:
             raise NodeInputError(node, "speed", f"{speed!r} is not one of {SPEED_CHOICES}")
         path = checkpoint_path(node, ckpt_name)
         device, dtype = paths.device_and_dtype(weight_dtype)
+        _note_emulated_bf16(node, device, dtype)
         sd = load_checkpoint(path, device=device, dtype=dtype)  # the file's own errors name it: not wrapped
         speed_options.apply(sd, speed_options.SpeedOptions.parse(speed, device, sd.config.unet.model_channels))
         tokenizer = make_tokenizer(node, path, sd.config.clip, sd.family.text[0])

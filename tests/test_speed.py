@@ -139,3 +139,46 @@ def test_checkpoint_loader_speed_input():
     assert speed.memory_format_of(first_weight(unet)) == torch.contiguous_format
     with pytest.raises(NodeInputError, match="GlassCheckpointLoader: input 'speed'"):
         GlassCheckpointLoader().load(builtin.NAME, "fp32", speed="fastest")
+
+
+# bf16 against fp32 (the stated tolerances, README "Speed"): bf16 keeps 8 mantissa bits, so one UNet call
+# differs by about 1e-2 of its scale, and a picture by a few 1/255 at most
+BF16_UNET_TOL, BF16_PIXEL_MAX, BF16_PIXEL_MEAN = 3e-2, 6e-2, 2e-3
+
+
+@torch.no_grad()
+def test_bf16_unet_within_stated_tolerance_of_fp32(tiny):
+    x, t, c = _unet_inputs(tiny.config)
+    ref = tiny.unet(x, t, c)
+    tiny.unet.to(torch.bfloat16)
+    out = tiny.unet(x.bfloat16(), t, c.bfloat16()).float()
+    err = rel(out, ref)
+    assert 1e-5 < err < BF16_UNET_TOL, err  # (> 1e-5: it really ran in bf16)
+
+
+def test_bf16_picture_within_stated_tolerance_of_fp32():
+    model, tokenizer = builtin.load()
+    kw = dict(width=64, height=64, seed=3, steps=8, cfg=3.0)
+    prompt = "a large red circle in the center on a blue background"
+    ref = txt2img(model, tokenizer, prompt, **kw)
+    model.unet.to(torch.bfloat16)
+    model.clip.to(torch.bfloat16)
+    diff = (txt2img(model, tokenizer, prompt, **kw) - ref).abs()
+    assert 0 < diff.max() < BF16_PIXEL_MAX and diff.mean() < BF16_PIXEL_MEAN, (diff.max(), diff.mean())
+
+
+def test_cpu_bf16_support_read_from_cpu_flags():
+    assert speed.cpu_has_bf16("processor: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n") is True
+    assert speed.cpu_has_bf16("flags : fpu sse2 avx2 amx_bf16 amx_tile\n") is True
+    assert speed.cpu_has_bf16("flags : fpu sse2 avx2 avx512f avx512bw\n") is False
+    assert speed.cpu_has_bf16("Hardware : some ARM board\n") is None
+
+
+def test_loader_notes_emulated_bf16(monkeypatch, caplog):
+    from glass_diffusion.nodes.loaders import GlassCheckpointLoader
+    for has, noted in ((False, True), (True, False), (None, False)):
+        monkeypatch.setattr(speed, "cpu_has_bf16", lambda has=has: has)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            GlassCheckpointLoader().load(builtin.NAME, "bf16")
+        assert ("bf16 on this CPU is emulated" in caplog.text) is noted, (has, caplog.text)
