@@ -44,6 +44,45 @@ def test_channels_last_equals_default_layout(tiny):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("cin, cout, k, stride, pad, size, bias", [
+    (32, 64, 3, 1, 1, 8, True), (64, 64, 3, 2, 1, 8, True), (96, 32, 1, 1, 0, 4, True), (16, 8, 3, 1, 1, 5, False)])
+@pytest.mark.parametrize("layout", ["plain", "channels_last"])
+def test_gemm_conv_equals_the_convolution(cin, cout, k, stride, pad, size, bias, layout, monkeypatch):
+    conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=pad, bias=bias)
+    x = torch.randn(2, cin, size, size)
+    if layout == "channels_last":
+        conv, x = conv.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    ref = conv(x)
+    speed.use_gemm_convs(conv)
+    direct = []
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x: direct.append(1) or self._conv_forward(
+        x, self.weight, self.bias))
+    out = conv(x)
+    assert type(conv) is speed.GemmConv2d and not direct  # the GEMM path ran
+    assert out.shape == ref.shape and rel(out, ref) < 1e-5
+    big = torch.randn(8, cin, 16, 16)  # 8 x 16 x 16 (or 8 x 8 x 8) positions > GEMM_CONV_MAX_ROWS: the convolution
+    conv(big)
+    assert direct
+
+
+@torch.no_grad()
+def test_gemm_convs_unet_equals_eager_and_survives_a_lora_view(tiny):
+    import copy
+    x, t, ctx = _unet_inputs(tiny.config)
+    ref = tiny.unet(x, t, ctx)
+    keys = list(tiny.unet.state_dict())
+    speed.apply(tiny, speed.SpeedOptions(gemm_convs=True))
+    assert list(tiny.unet.state_dict()) == keys
+    assert rel(tiny.unet(x, t, ctx), ref) < 1e-5
+    # a shallow copy with its own weight (what a LoRA view does) computes with that weight, not the original's
+    conv = tiny.unet.input_blocks[0][0]
+    view = copy.copy(conv)
+    view._parameters = dict(conv._parameters, weight=torch.nn.Parameter(conv.weight * 2))
+    z = torch.randn(1, conv.in_channels, 8, 8)
+    assert torch.allclose(view(z) - conv.bias[:, None, None], 2 * (conv(z) - conv.bias[:, None, None]), atol=1e-5)
+
+
+@torch.no_grad()
 def test_compiled_equals_eager(tiny):
     pytest.importorskip("torch._inductor")
     x, t, ctx = _unet_inputs(tiny.config)
@@ -83,7 +122,9 @@ def test_speed_option_parsing():
     assert speed.SpeedOptions.parse("none") == speed.SpeedOptions()
     assert speed.SpeedOptions.parse(speed.SpeedOptions(True, True).label()) == speed.SpeedOptions(True, True)
     wide, narrow = SDConfig.sd15().unet.model_channels, SDConfig.tiny().unet.model_channels
-    assert speed.SpeedOptions.parse("default", "cpu", wide) == speed.SpeedOptions(channels_last=True)
+    assert speed.SpeedOptions.parse("default", "cpu", wide) == speed.SpeedOptions(gemm_convs=True)
+    assert speed.SpeedOptions.parse("default", "cuda", wide) == speed.SpeedOptions(channels_last=True)
+    assert speed.SpeedOptions.parse("gemm_convs").label() == "gemm_convs"
     assert speed.SpeedOptions.parse("default", "cpu", narrow) == speed.SpeedOptions()
     with pytest.raises(ValueError, match="unknown speed option 'chanels_last'"):
         speed.SpeedOptions.parse("chanels_last")
