@@ -117,12 +117,23 @@ class DiffusersEngine(_Engine):
         vcfg = create_vae_diffusers_config_from_ldm(ldm, sd, image_size=512)
         with torch.device("meta"):
             unet, vae = UNet2DConditionModel(**ucfg), AutoencoderKL(**vcfg)
-            text = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", max_position_embeddings=77))
+            text = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", max_position_embeddings=77, hidden_size=768,
+                                                intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                                                projection_dim=768))  # SD 1.x's CLIP ViT-L/14 text tower
         unet.load_state_dict(convert_ldm_unet_checkpoint(sd, ucfg), assign=True)
         vae.load_state_dict(convert_ldm_vae_checkpoint(sd, vcfg), assign=True)
         clip_state = convert_ldm_clip_checkpoint(sd)
         clip_state.setdefault("text_model.embeddings.position_ids", torch.arange(77)[None])
+        if not hasattr(text, "text_model"):  # transformers 5: CLIPTextModel has no text_model level
+            clip_state = {k.removeprefix("text_model."): v for k, v in clip_state.items()}
         text.load_state_dict(clip_state, assign=True, strict=False)
+        emb = getattr(text, "text_model", text).embeddings
+        if emb.position_ids.is_meta:  # a non-persistent buffer in newer transformers: state dicts do not carry it
+            emb.position_ids = torch.arange(emb.position_ids.shape[-1])[None]
+        left = [n for n, t in [*unet.named_parameters(), *unet.named_buffers(), *vae.named_parameters(),
+                               *vae.named_buffers(), *text.named_parameters(), *text.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"diffusers engine: tensors the checkpoint did not fill: {left[:5]}")
         del sd
         vae_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.unet = unet.to(self.device, self.dtype).eval()
