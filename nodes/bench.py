@@ -46,6 +46,10 @@ def default_checkpoint(cache: Path) -> Path:
     return path
 
 
+class EngineError(RuntimeError):
+    """An engine's worker process ended before answering (its own error message is on stderr above)."""
+
+
 class Worker:
     """One engine's process and its JSON-lines channel."""
 
@@ -58,7 +62,7 @@ class Worker:
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"bench engine {self.name!r} exited (code {self.proc.wait()}); its output is above")
+            raise EngineError(f"bench engine {self.name!r} exited (code {self.proc.wait()}); its output is above")
         return json.loads(line)
 
     def ask(self, **req) -> dict:
@@ -222,7 +226,11 @@ def main(a) -> int:
         a.engines = [e for e in a.engines.split(",") if e]
     if "comfyui" in a.engines and not a.comfyui:
         raise ValueError("--engines comfyui needs --comfyui DIR (a ComfyUI checkout) and usually --comfyui-python")
-    res = run(a)
+    try:
+        res = run(a)
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(report(res))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

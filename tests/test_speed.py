@@ -167,6 +167,15 @@ def test_bench_refuses_comfyui_without_a_checkout(capsys):
     assert "--comfyui DIR" in capsys.readouterr().err
 
 
+def test_bench_engine_that_dies_is_one_error_line(tmp_path, capsys):
+    import sys
+    rc = cli.main(["bench", "--engines", "comfyui", "--comfyui", str(tmp_path), "--comfyui-python", sys.executable,
+                   "--checkpoint", str(builtin.CHECKPOINT), "--device", "cpu", "--glass", "none"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "error: bench engine 'comfyui' exited" in err and "Traceback (most recent call last)" not in \
+        err.split("error: bench engine")[-1]
+
+
 def test_checkpoint_loader_speed_input():
     from glass_diffusion.nodes.loaders import GlassCheckpointLoader
     from glass_diffusion.nodes.types import NodeInputError
