@@ -60,7 +60,8 @@ def _run(args, registry) -> int:
     def job():
         with runtime.settings_override(models_dir=args.models, input_dir=args.input, output_dir=args.output,
                                        device=args.device, dtype=args.dtype, allow_nan=args.allow_nan or None):
-            results.append(run_workflow(args.workflow, overrides, registry=registry, executor=Executor(registry)))
+            results.append(run_workflow(args.workflow, overrides, registry=registry,
+                                        executor=Executor(registry, keep=False)))  # a model is freed after its last use
 
     rc = _guarded(job)
     if rc != OK:

@@ -61,10 +61,16 @@ class RunResult:
 # ----------------------------------------------------------------------------- execution
 
 class Executor:
-    """Runs API graphs; keeps node outputs and node objects between runs (one process, one Executor)."""
+    """Runs API graphs; keeps node outputs and node objects between runs (one process, one Executor).
 
-    def __init__(self, registry: dict | None = None):
+    ``keep=False`` (the command line's single runs): nothing is kept for a next run, and a node's outputs are
+    released as soon as the last node that uses them has run, so a model the rest of the graph does not need
+    (a text encoder once the prompts are encoded, a first checkpoint once its part is done) frees its memory
+    during the run. The RunResult then holds the outputs of the output nodes only."""
+
+    def __init__(self, registry: dict | None = None, keep: bool = True):
         self.registry = default_registry() if registry is None else registry
+        self.keep = keep
         self.cache: dict[str, tuple] = {}   # signature -> (outputs, ui)
         self.objects: dict[tuple, Any] = {}  # (node id, class_type) -> node instance
 
@@ -88,9 +94,14 @@ class Executor:
     def _run(self, api: dict, outputs: list[str], extra_pnginfo) -> RunResult:
         result, signatures, used = RunResult(prompt=api), {}, {}
         staged: dict[str, str] = {}  # node id -> signature, for nodes that saved files this run
+        order = self._order(api, outputs)
+        uses = {}  # node id -> how many nodes still to run take one of its outputs
+        for nid in order:
+            for _, src in links_of(api[nid]):
+                uses[src] = uses.get(src, 0) + 1
         try:
             with output_files.transaction() as txn:  # commits at the end of the block, else rolls back
-                for nid in self._order(api, outputs):
+                for nid in order:
                     sig = self._signature(nid, api, signatures)
                     hit = self.cache.get(sig)
                     if hit is None:  # (_call checks for cancellation before each call)
@@ -103,14 +114,25 @@ class Executor:
                     result.outputs[nid] = hit[0]
                     if hit[1]:
                         result.ui[nid] = hit[1]
+                    if not self.keep:
+                        self._release_inputs(nid, api, uses, outputs, signatures, used, result)
                 progress.check_cancel()  # a cancel during the last node: still nothing written
         except BaseException:
             for nid, sig in staged.items():  # their files are gone: rerun them next time, report no names
                 self.cache.pop(sig, None)
                 result.ui.pop(nid, None)
             raise
-        self.cache = used  # keep what this graph uses (big models are not kept forever)
+        self.cache = used if self.keep else {}  # keep what this graph uses (big models are not kept forever)
         return result
+
+    def _release_inputs(self, nid, api, uses, outputs, signatures, used, result) -> None:
+        """keep=False: drop the outputs of nid's inputs that no node still to run needs."""
+        for _, src in links_of(api[nid]):
+            uses[src] -= 1
+            if uses[src] == 0 and src not in outputs:
+                result.outputs.pop(src, None)
+                used.pop(signatures[src], None)
+                self.cache.pop(signatures[src], None)
 
     def _order(self, api: dict, outputs: list[str]) -> list[str]:
         """Dependency order: first everything the output nodes need, then the output nodes not yet placed

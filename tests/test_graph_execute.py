@@ -190,3 +190,63 @@ def test_hooks_declared_without_classmethod():
     assert ex.run(graph).executed == [] and Plain.seen == [3, 3]
     graph["1"]["inputs"]["value"] = 13
     assert [e.message for e in ex.validate(graph)] == ["custom validation failed: 13 is unlucky"]
+
+
+class _Model:
+    """A stand-in for a loaded model: a weakref tells whether anything still holds it."""
+
+
+class _LoadModel:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"name": ("STRING", {"default": "m"})}}
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "run"
+
+    def run(self, name):
+        return (_Model(),)
+
+
+class _UseModel:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    seen: list = []
+
+    def run(self, model):
+        import weakref
+        _UseModel.seen.append(weakref.ref(model))
+        return (1,)
+
+
+class _Later:
+    """Runs after the model's only user; records whether the model was still alive then."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"x": ("INT", {"forceInput": True})}}
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    alive: list = []
+
+    def run(self, x):
+        import gc
+        gc.collect()
+        _Later.alive.append(all(r() is not None for r in _UseModel.seen))
+        return (x,)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_false_releases_a_model_after_its_last_use(keep):
+    reg = {**REG, "LoadModel": _LoadModel, "UseModel": _UseModel, "Later": _Later}
+    _UseModel.seen.clear()
+    _Later.alive.clear()
+    graph = g.api(n1=("LoadModel", {"name": "m"}), n2=("UseModel", {"model": ["1", 0]}),
+                  n3=("Later", {"x": ["2", 0]}), n4=("Sink", {"value": ["3", 0]}))
+    ex = Executor(reg, keep=keep)
+    result = ex.run(graph)
+    assert _Later.alive == [keep]  # released before the later node ran, or kept for the next run
+    assert ("1" in result.outputs) is keep and "4" in result.outputs and g.SUNK[-1][0] == 1
+    ex.run(graph)
+    assert len(_UseModel.seen) == (1 if keep else 2)  # kept: the second run came from the cache
