@@ -89,7 +89,8 @@ def _open_safetensors(path: Path):
                 dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
                 if dtype is None:
                     raise CheckpointError(path, f"tensor {name} has unsupported dtype {view.get_dtype()}", [name])
-                entries[name] = Entry(tuple(view.get_shape()), dtype, lambda name=name: f.get_tensor(name))
+                entries[name] = Entry(tuple(view.get_shape()), dtype, lambda name=name: f.get_tensor(name),
+                                      fresh=False)  # safetensors 0.6+ hands out views of its file mapping
             yield entries, f.metadata() or {}
     except SafetensorError as e:
         what = "truncated (the header lists more data than the file holds)" if "not fully covered" in str(e) \

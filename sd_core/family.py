@@ -64,7 +64,7 @@ class Entry:
     shape: tuple
     dtype: torch.dtype
     read: Callable[[], torch.Tensor]
-    fresh: bool = True  # read() returns a new tensor; False: a view of the file's mapping (pickles)
+    fresh: bool = True  # read() returns a new tensor; False: it may be a view of the file's mapping (pickles, safetensors)
 
 
 @dataclass(frozen=True)

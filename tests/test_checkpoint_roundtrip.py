@@ -1,6 +1,7 @@
 """save_checkpoint -> load_checkpoint round trips on tiny models: exact tensors, config, dtypes, atomic writes."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +213,20 @@ def test_saved_file_gets_the_usual_mode_not_the_temp_files_0600(tmp_path):
     os.umask(umask)
     path = save_checkpoint(tiny_model(), tmp_path / "m.safetensors")
     assert (path.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see the process's file mappings")
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.float16])
+def test_loaded_weights_do_not_keep_the_file_mapped(tmp_path, file_dtype):
+    """safetensors hands out views of its memory-mapped file: a weight (or int64 position_ids) kept as such a view
+    would keep the whole file mapped and its pages counted in the process's memory after loading."""
+    import gc
+
+    from glass_diffusion.sd_core.checkpoint import load_checkpoint, save_checkpoint
+    from glass_diffusion.sd_core.model import SDConfig
+    from glass_diffusion.sd_core.random_weights import build_random
+    path = save_checkpoint(build_random(SDConfig.tiny(), seed=2), tmp_path / "m.safetensors", dtype=file_dtype)
+    model = load_checkpoint(path, dtype=torch.float32)
+    gc.collect()
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    assert model.unet.input_blocks[0][0].weight.dtype == torch.float32
