@@ -22,8 +22,8 @@ CATEGORY = "Glass Diffusion/loaders"
 DTYPE_CHOICES = ["auto", "fp32", "fp16", "bf16"]
 SPEED_CHOICES = ["default", "none", "channels_last", "gemm_convs", "compile", "channels_last,compile"]
 SPEED_TOOLTIP = ("Speed options of the same networks (the picture changes only by float rounding): default = "
-                 "for SD-size UNets gemm_convs on the CPU (small convolutions as matrix products) and NHWC "
-                 "convolutions (channels_last) on CUDA, the plain layout for glass-tiny; compile = torch.compile "
+                 "for SD-size models on the CPU gemm_convs (the UNet's small convolutions as matrix products) and "
+                 "an NHWC VAE, on CUDA NHWC convolutions (channels_last), the plain layout for glass-tiny; compile = torch.compile "
                  "(slow first run per image size).")
 DTYPE_TOOLTIP = ("Weight precision: auto = fp16 on a GPU (the VAE in fp32), fp32 on the CPU; headless, "
                  "--dtype sets what auto means.")

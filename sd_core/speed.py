@@ -46,6 +46,7 @@ def cpu_has_bf16(cpuinfo: str | None = None):
 @dataclass(frozen=True)
 class SpeedOptions:
     channels_last: bool = False
+    vae_channels_last: bool = False  # NHWC for the VAE alone (channels_last: both networks)
     gemm_convs: bool = False
     compile: bool = False
     compile_mode: str = "default"
@@ -57,13 +58,15 @@ class SpeedOptions:
     @classmethod
     def default_for(cls, device, model_channels: int) -> "SpeedOptions":
         """What a loader uses when asked for nothing special ("default"), for wide UNets (SD 1.x / 2.x: 320
-        channels): on the CPU the GEMM path for convolutions with few positions in the default layout (the SD 1.5
-        UNet step at 256 px measured 1.38x faster than plain on a 2-core AVX-512 Xeon, where NHWC was 15 % slower
-        than plain, although 2.2x faster on another Xeon of the same kind), on CUDA NHWC; narrow UNets
-        (glass-tiny: 64 channels, where NHWC measured 4.7x slower) get the plain layout; never compiled."""
+        channels): on the CPU the GEMM path for the UNet's convolutions with few positions in the default layout
+        (the SD 1.5 UNet step at 256 px measured 1.38x faster than plain on a 2-core AVX-512 Xeon, where NHWC was
+        15 % slower than plain, although 2.2x faster on another Xeon of the same kind) and an NHWC VAE (its decode
+        at 256 px 3.63 s -> 3.04 s there), on CUDA NHWC for both; narrow UNets (glass-tiny: 64 channels, where NHWC
+        measured 4.7x slower) get the plain layout; never compiled."""
         kind = torch.device(device).type
         wide = model_channels >= 256
-        return cls(channels_last=kind == "cuda" and wide, gemm_convs=kind == "cpu" and wide)
+        return cls(channels_last=kind == "cuda" and wide, gemm_convs=kind == "cpu" and wide,
+                   vae_channels_last=kind == "cpu" and wide)
 
     @classmethod
     def parse(cls, text: str, device="cpu", model_channels: int = 0) -> "SpeedOptions":
@@ -85,7 +88,8 @@ class SpeedOptions:
         return cls(**opts)
 
     def label(self) -> str:
-        parts = (["channels_last"] * self.channels_last + ["gemm_convs"] * self.gemm_convs
+        parts = (["channels_last"] * self.channels_last + ["vae_channels_last"] * self.vae_channels_last
+                 + ["gemm_convs"] * self.gemm_convs
                  + [f"compile={self.compile_mode}"] * self.compile)
         return ",".join(parts) or "none"
 
@@ -143,7 +147,7 @@ def apply(model, options: SpeedOptions):
     if options.gemm_convs and getattr(model, "unet", None) is not None:
         use_gemm_convs(model.unet)
     for net in nets:
-        if options.channels_last:
+        if options.channels_last or (options.vae_channels_last and net is getattr(model, "vae", None)):
             net.to(memory_format=torch.channels_last)
     if options.compile:
         unet, vae = getattr(model, "unet", None), getattr(model, "vae", None)

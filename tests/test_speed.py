@@ -83,6 +83,17 @@ def test_gemm_convs_unet_equals_eager_and_survives_a_lora_view(tiny):
 
 
 @torch.no_grad()
+def test_vae_channels_last_is_the_vae_alone(tiny):
+    z = torch.randn(1, tiny.config.vae.latent_channels, 8, 8)
+    ref = tiny.vae.decode(z)
+    speed.apply(tiny, speed.SpeedOptions(vae_channels_last=True))
+    assert speed.memory_format_of(tiny.unet.input_blocks[0][0].weight) == torch.contiguous_format
+    assert speed.memory_format_of(tiny.vae.decoder.conv_in.weight) == torch.channels_last
+    img = tiny.vae.decode(z)
+    assert rel(img, ref) < 1e-5 and img.is_contiguous()
+
+
+@torch.no_grad()
 def test_compiled_equals_eager(tiny):
     pytest.importorskip("torch._inductor")
     x, t, ctx = _unet_inputs(tiny.config)
@@ -122,7 +133,9 @@ def test_speed_option_parsing():
     assert speed.SpeedOptions.parse("none") == speed.SpeedOptions()
     assert speed.SpeedOptions.parse(speed.SpeedOptions(True, True).label()) == speed.SpeedOptions(True, True)
     wide, narrow = SDConfig.sd15().unet.model_channels, SDConfig.tiny().unet.model_channels
-    assert speed.SpeedOptions.parse("default", "cpu", wide) == speed.SpeedOptions(gemm_convs=True)
+    assert speed.SpeedOptions.parse("default", "cpu", wide) == speed.SpeedOptions(gemm_convs=True,
+                                                                                  vae_channels_last=True)
+    assert speed.SpeedOptions.parse("gemm_convs,vae_channels_last").label() == "vae_channels_last,gemm_convs"
     assert speed.SpeedOptions.parse("default", "cuda", wide) == speed.SpeedOptions(channels_last=True)
     assert speed.SpeedOptions.parse("gemm_convs").label() == "gemm_convs"
     assert speed.SpeedOptions.parse("default", "cpu", narrow) == speed.SpeedOptions()
