@@ -71,15 +71,12 @@ class _Progress:
 def use_networks(unet: GlassUNet, *conditionings) -> None:
     """Inside ComfyUI: have its model management load the UNet and the ControlNets riding on the conditionings."""
     from ..sd_core.controlnet import CONTROL_KEY
-    nets, seen = [unet.model.unet], set()
+    nets = {id(unet.model.unet): unet.model.unet}
     for cond in conditionings:
         for _, opts in cond or ():
             app = opts.get(CONTROL_KEY) if isinstance(opts, dict) else None
-            while app is not None and id(app) not in seen:
-                seen.add(id(app))
-                nets.append(app.net)
-                app = app.previous
-    comfy_memory.use(*nets)
+            nets.update((id(link.net), link.net) for link in (app.chain() if app is not None else ()))
+    comfy_memory.use(*nets.values())
 
 
 def run_sampler(node: str, unet: GlassUNet, positive, negative, latent: dict, request, on_step=None,

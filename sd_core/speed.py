@@ -20,6 +20,7 @@ module leaves the picture the same within float rounding.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -28,14 +29,22 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of x86 CPUs with bf16 arithmetic
 
 
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> str | None:
+    """/proc/cpuinfo, read once per process (every checkpoint load asks)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def cpu_has_bf16(cpuinfo: str | None = None):
     """True / False: whether this x86 CPU computes in bf16 natively (AVX512-BF16 or AMX); None where it cannot
     be told (no /proc/cpuinfo). Without it, PyTorch emulates bf16 on the CPU and is slower than fp32."""
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
+        cpuinfo = _cpuinfo()
+        if cpuinfo is None:
             return None
     flags = {w for line in cpuinfo.splitlines() if line.startswith("flags") for w in line.split(":", 1)[1].split()}
     if not flags:

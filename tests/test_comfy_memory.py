@@ -82,9 +82,12 @@ def _weights_bytes(net):
     return sum(t.numel() * t.element_size() for t in list(net.parameters()) + list(net.buffers()))
 
 
-def test_headless_nothing_is_registered():
-    unet, clip, vae = NODES["GlassCheckpointLoader"]().load(builtin.NAME, "fp32")
+def test_headless_nothing_is_registered(caplog, monkeypatch):
+    monkeypatch.setattr(comfy_memory, "_warned", [])  # (a stand-in ComfyUI of another test may have warned)
+    with caplog.at_level("WARNING", logger=comfy_memory.log.name):
+        unet, clip, vae = NODES["GlassCheckpointLoader"]().load(builtin.NAME, "fp32")
     assert not any(comfy_memory.registered(n) for n in (unet.model.unet, clip.model, vae.model))
+    assert not caplog.records  # headless it does not even look for ComfyUI's model management
 
 
 def test_models_load_through_comfyui_and_a_cpu_unload_frees_and_reloads_them(comfy):
@@ -136,3 +139,20 @@ def test_release_and_restore_keep_dtype_and_memory_format():
     comfy_memory.restore(net, {k: v.float().contiguous() for k, v in state.items()})
     assert net[0].weight.dtype == torch.bfloat16 and net[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+
+
+def test_chained_controlnets_are_loaded_with_the_unet(comfy):
+    from glass_diffusion.sd_core.builtin import CONTROLNET_NAME
+    unet, clip, vae = NODES["GlassCheckpointLoader"]().load(builtin.NAME, "fp32")
+    net = NODES["GlassControlNetLoader"]().load(CONTROLNET_NAME, "fp32")[0]
+    enc = NODES["GlassTextEncode"]()
+    pos, neg = enc.encode(clip, "a red circle")[0], enc.encode(clip, "")[0]
+    mask = NODES["GlassShapeMask"]().draw("circle", 64, 64, 32.0, 32.0, 20.0)[0]
+    image = NODES["GlassMaskToControlImage"]().convert(mask)[0]
+    apply = NODES["GlassControlNetApply"]()
+    pos, neg = apply.apply(pos, neg, net, image, 1.0, 0.0, 1.0)
+    pos, neg = apply.apply(pos, neg, net, image, 0.5, 0.0, 0.5)  # the same network twice in one chain
+    latent = NODES["GlassEmptyLatent"]().generate(64, 64, 1)[0]
+    comfy.loaded_calls.clear()
+    NODES["GlassKSampler"]().sample(unet, 1, 2, 5.0, "euler", "normal", pos, neg, latent, 1.0)
+    assert [[p.model.net for p in call] for call in comfy.loaded_calls] == [[unet.model.unet, net.model]]
