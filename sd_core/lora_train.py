@@ -4,10 +4,12 @@ glass-tiny knows three shapes (sd_core/toy_data.py). This trains a kohya-format 
 and 3x3 convolutions, CLIP attention and MLP) on procedural scenes with a new shape, `bar` (a flat
 horizontal bar, three times as wide as it is tall), mixed with ordinary scenes so the rest of the grammar is
 kept. "bar" is not in the built-in vocabulary: the byte-level BPE splits it into known pieces, which the
-LoRA'd text encoder learns to read. (A new colour cannot be taught by a UNet/CLIP LoRA: glass-tiny's VAE, trained on eight colours, turns
-any other colour into the nearest of them.)
+LoRA'd text encoder learns to read. (A new colour cannot be taught by a UNet/CLIP LoRA: glass-tiny's VAE,
+trained on eight colours, turns any other colour into the nearest of them.)
 
-    python -m glass_diffusion.sd_core.lora_train --out glass-tiny-bar.safetensors [--seed 0] [--steps 500]
+    python -m glass_diffusion.sd_core.lora_train --out glass-tiny-bar.safetensors [--seed 0] [--steps 400]
+
+(the shipped glass-tiny-bar is `--seed 0 --steps 500`).
 
 Everything is drawn from the seed and runs on one CPU thread, so a run is reproducible bit for bit. The
 file is saved in kohya's format (`lora_unet_*` / `lora_te_*`, `.lora_up/.lora_down/.alpha`) in fp16, and
