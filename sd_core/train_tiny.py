@@ -153,19 +153,21 @@ def pixel_weights(images: np.ndarray, scenes, args) -> torch.Tensor:
     """Reconstruction weight per pixel, [B, 1, H, W]: 1, plus up to fg_weight on and around the shape, plus
     edge_weight on the 3x3 band across the shape's outline (where a soft decoder rounds corners and cuts a
     triangle's apex). Shapes cover 3-10 % of the picture, so their pixels weigh more and their colour is learnt
-    early; the extra weight fades out over fg_ring px around the shape (the shape grown by fg_ring / 2, then a
-    box blur of fg_ring + 1 px): where the weight drops abruptly, the decoder paints halos (v1 weighted only the
-    shape's own pixels and drew dark halos just outside them, which the scorer reads as bigger, rounder shapes).
-    The defaults (fg_ring 0, edge_weight 0: 1 + fg_weight on the shape's pixels) are what made the shipped
-    glass-tiny; the fade and the outline are for a retrained one (the closing notes of 2026-12-02 say what
-    they did in two 6000-step trials)."""
+    early; the extra weight fades out over fg_ring px around the shape (the shape grown by fg_ring // 2, then a
+    box blur of that width: an odd fg_ring counts as the even number below it, 1 as no fade): where the weight
+    drops abruptly, the decoder paints halos (v1 weighted only the shape's own pixels and drew dark halos just
+    outside them, which the scorer reads as bigger, rounder shapes). The defaults (fg_ring 0, edge_weight 0:
+    1 + fg_weight on the shape's pixels) are what made the shipped glass-tiny; the fade and the outline are for
+    a retrained one (the closing note of 2026-12-02 gives what they did in 6000-step trials)."""
     bg = np.array([toy_data.COLOURS[s.background] for s in scenes], np.int16)[:, None, None]  # (B, 1, 1, 3)
     fg = torch.from_numpy(np.abs(images.astype(np.int16) - bg).sum(-1) > 0).float().unsqueeze(1)  # (B, 1, H, W)
-    grow = lambda m, r: F.max_pool2d(m, 2 * r + 1, stride=1, padding=r) if r > 0 else m
-    band = grow(fg, 1) - (1.0 - grow(1.0 - fg, 1))  # dilated minus eroded: the outline, 2-3 px wide
+    grow = lambda m, r: F.max_pool2d(m, 2 * r + 1, stride=1, padding=r)
     r = args.fg_ring // 2
     near = F.avg_pool2d(grow(fg, r), 2 * r + 1, stride=1, padding=r, count_include_pad=False) if r > 0 else fg
-    return 1.0 + args.fg_weight * near + args.edge_weight * band
+    w = 1.0 + args.fg_weight * near
+    if args.edge_weight:  # (skipped at 0: this runs every VAE step)
+        w = w + args.edge_weight * (grow(fg, 1) - (1.0 - grow(1.0 - fg, 1)))  # dilated minus eroded: the outline
+    return w
 
 
 def train_vae(cfg: SDConfig, work: Path, args) -> AutoencoderKL:
