@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one picture per prompt (default: a few example prompts of the built-in model)")
     gen.add_argument("--seed", type=int, default=None, help="noise seed for every prompt (default: the workflow's)")
     gen.add_argument("--steps", type=int, default=None, help="sampling steps (default: the workflow's, 20)")
-    gen.add_argument("--cfg", type=float, default=None, help="guidance scale (default 3 for the built-in model, "
+    gen.add_argument("--cfg", type=float, default=None, help="guidance scale (default 2 for the built-in model, "
                      "7.5 for others)")
     gen.add_argument("--width", type=int, default=None, help="pixels (default 64 for the built-in model, 512 for others)")
     gen.add_argument("--height", type=int, default=None)

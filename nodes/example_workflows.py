@@ -9,7 +9,7 @@ check "convert(UI) == API twin" exercises the converter. Regenerate with
 ``glass_diffusion`` is the installed package).
 
 Every workflow but inpaint_9channel and sd2_v_rescale_cfg (which need a user's checkpoint) runs on the built-in model "glass-tiny (built-in)" (sd_core/builtin), so it
-needs no downloaded file: 64x64 pixels, prompts from its toy grammar (sd_core/toy_data.py), cfg 3. For an
+needs no downloaded file: 64x64 pixels, prompts from its toy grammar (sd_core/toy_data.py), cfg 2. For an
 SD 1.5 checkpoint, pick it in the loader and raise the sizes (512 px), cfg (7-8) and prompts to suit.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from ..sd_core import builtin
-from ..sd_core.toy_data import Scene, draw, shape_centre
+from ..sd_core.toy_data import SIZES, Scene, draw, shape_centre
 from . import shipped
 
 PACK_ID = "glass-diffusion"          # the registry name (pyproject [project] name): ComfyUI-Manager's cnr_id
@@ -387,7 +387,7 @@ def masked_scene_image():
     import numpy as np
     from PIL import Image
     cx, cy = (round(v) for v in shape_centre(INPUT_SCENE, SIZE))
-    r = 10 + 4  # the large shape's half extent (toy_data.SIZES) plus a margin
+    r = SIZES["large"] + 4  # the large shape's half extent plus a margin
     alpha = np.full((SIZE, SIZE, 1), 255, np.uint8)
     alpha[cy - r:cy + r, cx - r:cx + r] = 0
     return Image.fromarray(np.concatenate([draw(INPUT_SCENE, SIZE), alpha], axis=-1), "RGBA")

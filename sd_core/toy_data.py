@@ -24,7 +24,9 @@ COLOURS = {  # name -> sRGB; well separated so a pixel statistic can tell them a
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 6, "large": 10}  # half extent in pixels at 64x64 (scaled with the image)
+SIZES = {"small": 8, "large": 12}  # half extent in pixels at 64x64 (scaled with the image)
+JITTER = 5  # the shape's centre moves up to this many pixels (at 64x64) from its cell's centre, in x and in y
+MARGIN = 1  # ... but the shape stays at least this many pixels inside the picture
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
 POSITION_PHRASES = {  # (row, col) -> phrase
@@ -78,8 +80,16 @@ def random_scene(rng: np.random.Generator, held_out: bool = False) -> Scene:
     while background == colour:
         background = colours[rng.integers(len(colours))]
     size = list(SIZES)[rng.integers(len(SIZES))]
-    dx, dy = (int(v) for v in rng.integers(-2, 3, size=2))
-    return Scene(colour, shape, size, int(rng.integers(3)), int(rng.integers(3)), background, dx, dy)
+    row, col = int(rng.integers(3)), int(rng.integers(3))
+    dx, dy = (_inside(int(d), cell, SIZES[size]) for d, cell in zip(rng.integers(-JITTER, JITTER + 1, size=2),
+                                                                    (col, row)))
+    return Scene(colour, shape, size, row, col, background, dx, dy)
+
+
+def _inside(d: int, cell: int, r: int) -> int:
+    """The jitter d of a shape of half extent r in grid cell `cell`, clamped to keep it MARGIN px inside."""
+    centre = 12 + 20 * cell
+    return max(MARGIN + r - centre, min(64 - MARGIN - r - centre, d))
 
 
 def random_caption(scene: Scene, rng: np.random.Generator, p_drop: float = 0.15) -> str:

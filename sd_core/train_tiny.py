@@ -2,8 +2,9 @@
 
     python -m glass_diffusion.sd_core.train_tiny --out WORK_DIR [--seed 0] [--threads 1]
 
-The shipped model (sd_core/builtin/) is this command with all defaults and --seed 0: about 41 minutes on a
-busy 2-core CPU with one thread (VAE ~14 min, diffusion ~26 min). Use one thread on a shared machine.
+The shipped model (glass-tiny v2, sd_core/builtin/) is this command with all defaults, --seed 0 and --threads 2:
+41 minutes on an otherwise idle 2-core CPU (VAE ~26 min, encoding ~1 min, diffusion ~14 min). Use one thread
+on a shared machine (bitwise reproduction needs the same thread count and torch build).
 
 Stages, each resumable (re-run the same command: it continues from WORK_DIR's last saved state):
   1. tokenizer: a CLIP-BPE vocabulary (vocab.json + merges.txt) learnt from the caption grammar's words;
@@ -156,9 +157,8 @@ def pixel_weights(images: np.ndarray, scenes, args) -> torch.Tensor:
     early; the extra weight fades out over fg_ring px around the shape (the shape grown by fg_ring // 2, then a
     box blur of that width: an odd fg_ring counts as the even number below it, 1 as no fade): where the weight
     drops abruptly, the decoder paints halos (v1 weighted only the shape's own pixels and drew dark halos just
-    outside them, which the scorer reads as bigger, rounder shapes). The defaults (fg_ring 0, edge_weight 0:
-    1 + fg_weight on the shape's pixels) are what made the shipped glass-tiny; the fade and the outline are for
-    a retrained one (the closing note of 2026-12-02 gives what they did in 6000-step trials)."""
+    outside them, which the scorer reads as bigger, rounder shapes). fg_ring 0 and edge_weight 0 give v1's
+    weighting (1 + fg_weight on the shape's pixels); the defaults (fade over 6 px, outline 8) made v2."""
     bg = np.array([toy_data.COLOURS[s.background] for s in scenes], np.int16)[:, None, None]  # (B, 1, 1, 3)
     fg = torch.from_numpy(np.abs(images.astype(np.int16) - bg).sum(-1) > 0).float().unsqueeze(1)  # (B, 1, H, W)
     grow = lambda m, r: F.max_pool2d(m, 2 * r + 1, stride=1, padding=r)
@@ -319,17 +319,17 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--vae-steps", type=int, default=10000)
     p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--vae-lr", type=float, default=4e-3)
-    p.add_argument("--vae-channels", type=int, default=8, help="VAE base channels")
+    p.add_argument("--vae-lr", type=float, default=3e-3)
+    p.add_argument("--vae-channels", type=int, default=16, help="VAE base channels")
     p.add_argument("--fg-weight", type=float, default=8.0, help="extra reconstruction weight on shape pixels")
-    p.add_argument("--fg-ring", type=int, default=0, help="px around the shape over which its extra weight fades")
-    p.add_argument("--edge-weight", type=float, default=0.0, help="extra weight on the band across the outline")
+    p.add_argument("--fg-ring", type=int, default=6, help="px around the shape over which its extra weight fades")
+    p.add_argument("--edge-weight", type=float, default=8.0, help="extra weight on the band across the outline")
     p.add_argument("--kl-weight", type=float, default=5e-3)
     p.add_argument("--init-logvar", type=float, default=-6.0, help="initial posterior log-variance")
     p.add_argument("--num-latents", type=int, default=16384)
-    p.add_argument("--steps", type=int, default=1800, help="diffusion steps")
+    p.add_argument("--steps", type=int, default=4000, help="diffusion steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--uncond-p", type=float, default=0.1, help="caption dropout for classifier-free guidance")

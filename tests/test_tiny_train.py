@@ -54,24 +54,36 @@ def test_vae_pixel_weights_cover_the_shape_fade_around_it_and_mark_its_outline()
     import numpy as np
     from glass_diffusion.sd_core import toy_data
     args = train_tiny.parse_args(["--out", "unused", "--fg-weight", "8", "--fg-ring", "6", "--edge-weight", "8"])
-    scene = toy_data.Scene("red", "square", "large", 1, 1, "blue")  # drawn square: pixels 22..41 in x and y
+    scene = toy_data.Scene("red", "square", "large", 1, 1, "blue")  # drawn square: pixels 20..43 in x and y
     w = train_tiny.pixel_weights(toy_data.draw(scene)[None], [scene], args)[0, 0].numpy()  # (64, 64)
     assert w.shape == (64, 64)
     assert w[32, 32] == 1 + 8  # inside, away from the outline
-    assert w[5, 5] == 1 and w[32, 15] == 1  # background more than 6 px from the shape
-    assert w[32, 21] > 1 + 8 and w[32, 22] == 1 + 8 + 8  # either side of the edge: the outline band
-    ramp = w[32, 15:21]  # from 7 px to 2 px outside the left edge: rises steadily, no jump
+    assert w[5, 5] == 1 and w[32, 13] == 1  # background more than 6 px from the shape
+    assert w[32, 19] > 1 + 8 and w[32, 20] == 1 + 8 + 8  # either side of the edge: the outline band
+    ramp = w[32, 13:19]  # from 7 px to 2 px outside the left edge: rises steadily, no jump
     assert np.all(np.diff(ramp) > 0) and np.diff(ramp).max() < 1.5
     assert np.array_equal(w, w[:, ::-1]) and np.array_equal(w, w.T)  # the square's symmetry
 
 
-def test_default_vae_weights_are_the_shipped_models_shape_weighting():
-    """With the defaults, pixel_weights is what trained the shipped glass-tiny: 1, plus fg_weight on shape pixels."""
+def test_vae_weights_without_fade_or_outline_are_v1s_shape_weighting():
+    """fg_ring 0 and edge_weight 0 give what trained glass-tiny v1: 1, plus fg_weight on the shape's pixels."""
     import numpy as np
     from glass_diffusion.sd_core import toy_data
     images, _, scenes = toy_data.make_batch([3, 1], 8)
-    args = train_tiny.parse_args(["--out", "unused"])
+    args = train_tiny.parse_args(["--out", "unused", "--fg-ring", "0", "--edge-weight", "0"])
     bg = np.array([toy_data.COLOURS[s.background] for s in scenes], np.int16)[:, None, None]
     fg = torch.from_numpy(np.abs(images.astype(np.int16) - bg).sum(-1) > 0).float().unsqueeze(1)
     assert torch.equal(train_tiny.pixel_weights(images, scenes, args), 1.0 + args.fg_weight * fg)
-    assert (args.vae_channels, args.fg_ring, args.edge_weight) == (8, 0, 0.0)
+
+
+def test_the_defaults_make_the_shipped_models_architecture_and_vae_channels_reach_the_file(tmp_path):
+    """The documented command (all defaults) trains the shipped glass-tiny's config; --vae-channels is exported."""
+    from glass_diffusion.sd_core import builtin
+    shipped = load_checkpoint(builtin.CHECKPOINT).config
+    ckpt = _run(tmp_path / "a", 1, 1)
+    made = load_checkpoint(ckpt).config
+    assert (made.unet, made.clip) == (shipped.unet, shipped.clip)
+    assert {**made.vae.__dict__, "scaling_factor": 0} == {**shipped.vae.__dict__, "scaling_factor": 0}
+    other = train_tiny.main(["--out", str(tmp_path / "b"), "--vae-channels", "8", "--vae-steps", "1", "--steps", "1",
+                             *FAST])
+    assert load_checkpoint(other).config.vae.base_channels == 8 != shipped.vae.base_channels

@@ -17,7 +17,7 @@ CONTROLNET_NAME = "glass-tiny silhouette (built-in)"  # how ControlNet loaders l
 CONTROLNET = BUILTIN_DIR / "glass-tiny-silhouette-controlnet.safetensors"
 CONTROLNET_CARD = BUILTIN_DIR / "CONTROLNET_CARD.md"
 RESOLUTION = 64  # native width and height in pixels (latent 8x8)
-DEFAULTS = {"width": 64, "height": 64, "steps": 20, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal"}
+DEFAULTS = {"width": 64, "height": 64, "steps": 20, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal"}
 EXAMPLE_PROMPTS = (
     "a red circle in the center on a blue background",
     "a small yellow triangle at the top left on a black background",
