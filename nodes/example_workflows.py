@@ -260,8 +260,8 @@ def image_to_image(g: Graph):
 
 
 def inpaint_noise_mask(g: Graph):
-    """Inpainting with an ordinary 4-channel model: the image's alpha becomes a noise mask (the shipped glass_scene_masked.png has a transparent square over its red circle); only the masked area is resampled (a purple circle)."""
-    loader, pos, neg = _base(g, prompt="a large purple circle in the center")
+    """Inpainting with an ordinary 4-channel model: the image's alpha becomes a noise mask (the shipped glass_scene_masked.png has a transparent square over its red circle); only the masked area is resampled (a green circle)."""
+    loader, pos, neg = _base(g, prompt="a large green circle in the center on a blue background")
     load = g.add("GlassLoadImage", "Load Image", image=INPUT_MASKED)
     enc = g.add("GlassVAEEncode", "Encode", pixels=load[0], vae=loader[2])
     masked = g.add("GlassSetNoiseMask", "Noise Mask", samples=enc[0], mask=load[1])
@@ -295,14 +295,14 @@ def sd2_v_rescale_cfg(g: Graph):
 
 
 def hires_fix(g: Graph):
-    """Two-stage hires fix: 64 px pass, latent upscale to 128 px, second pass at denoise 0.5, tiled decode (for SD 1.5: 512 -> 768 px)."""
+    """Two-stage hires fix: 64 px pass, latent upscale to 128 px, second pass at denoise 0.3, decode through VAE Decode Tiled set to one 128 px tile (glass-tiny only saw 64 px: more denoise loses the colour, and its VAE shifts colours between tiles). For SD 1.5: 512 -> 768 px, denoise about 0.5, tiles of 512."""
     loader, pos, neg = _base(g)
     empty = g.add("GlassEmptyLatent", "Empty Latent", width=SIZE, height=SIZE, batch_size=1)
     first = _ksampler(g, "First Pass", loader, pos, neg, empty[0])
     up = g.add("GlassLatentUpscale", "Upscale", samples=first[0], upscale_method="nearest-exact",
                width=2 * SIZE, height=2 * SIZE, crop="disabled")
-    second = _ksampler(g, "Second Pass", loader, pos, neg, up[0], seed=43, denoise=0.5)
-    image = g.add("GlassVAEDecodeTiled", "Decode", samples=second[0], vae=loader[2], tile_size=64, overlap=32)
+    second = _ksampler(g, "Second Pass", loader, pos, neg, up[0], seed=43, denoise=0.3)
+    image = g.add("GlassVAEDecodeTiled", "Decode", samples=second[0], vae=loader[2], tile_size=2 * SIZE, overlap=32)
     save = g.add("GlassSaveImage", "Save", images=image[0], filename_prefix="hires")
     g.group("1. First pass (64 px)", empty, first)
     g.group("2. Upscale and second pass (128 px)", up, second, image, save)
